@@ -1,0 +1,410 @@
+//! Certificates in memory: one slot per configured site, an `ArcSwap`'d SNI
+//! map over the slots, and the rustls resolver that reads it.
+//!
+//! The handshake path (hot) does one `ArcSwap` load of the map, one hash
+//! lookup and one `ArcSwap` load of the slot: no lock, no allocation.
+//! Everything else here is control path: loading and validating PEM files,
+//! the internal CA, publishing a replacement into one slot without touching
+//! the others (so swapping one certificate among 10,000 is O(1)).
+
+pub mod internal;
+pub mod load;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::{ArcSwap, ArcSwapOption};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{Config, HostPattern, Origin, TlsSource};
+use crate::hostmap::HostMap;
+
+pub use internal::InternalCa;
+pub use load::Checks;
+
+/// Why a certificate could not be loaded. Each message names the file and
+/// says what to do.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CertError {
+    /// The file could not be read.
+    #[error("cannot read {}: {reason}", path.display())]
+    Read { path: PathBuf, reason: String },
+    /// The PEM is empty, damaged or holds the wrong thing.
+    #[error("{}: {reason}", path.display())]
+    Pem { path: PathBuf, reason: String },
+    /// The key is not the leaf's key.
+    #[error("the private key in {} does not match the certificate in {}; install the key that was issued with this certificate", key.display(), cert.display())]
+    KeyMismatch { cert: PathBuf, key: PathBuf },
+    /// The leaf does not name a host of the site.
+    #[error("{}: the certificate does not cover \"{host}\" (it covers: {}); get a certificate for that name or remove it from hosts", path.display(), sans.join(", "))]
+    NotCovering {
+        path: PathBuf,
+        host: String,
+        sans: Vec<String>,
+    },
+    /// The leaf has expired.
+    #[error("{}: the certificate expired at {not_after}; install a renewed certificate", path.display())]
+    Expired { path: PathBuf, not_after: String },
+    /// The leaf is not valid yet.
+    #[error("{}: the certificate is not valid before {not_before}; check the clock or the certificate", path.display())]
+    NotYetValid { path: PathBuf, not_before: String },
+    /// Certificate `index` is not issued by the one after it.
+    #[error("{}: the chain is out of order: certificate {index} is issued by \"{issuer}\" but the next one is \"{next_subject}\"; put the leaf first, then each issuer in turn", path.display())]
+    ChainOrder {
+        path: PathBuf,
+        index: usize,
+        issuer: String,
+        next_subject: String,
+    },
+    /// The internal CA failed.
+    #[error("internal CA: {0}")]
+    Internal(String),
+}
+
+/// A certificate failure attributed to a line of the configuration.
+#[derive(Debug, Clone)]
+pub struct SiteCertError {
+    /// The site's `tls` value.
+    pub origin: Origin,
+    /// What went wrong.
+    pub error: CertError,
+}
+
+impl fmt::Display for SiteCertError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.origin, self.error)
+    }
+}
+
+/// Where a slot's certificate comes from, as shown in the inventory and metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertSource {
+    /// PEM files.
+    File {
+        /// Chain path.
+        cert: PathBuf,
+        /// Key path.
+        key: PathBuf,
+    },
+    /// The local CA.
+    Internal,
+}
+
+impl CertSource {
+    /// `file` or `internal` (the metric label).
+    pub fn label(&self) -> &'static str {
+        match self {
+            CertSource::File { .. } => "file",
+            CertSource::Internal => "internal",
+        }
+    }
+}
+
+/// One certificate of a chain, as the inventory shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainEntry {
+    /// Subject common name (or the whole subject if it has no CN).
+    pub subject: String,
+    /// Issuer common name.
+    pub issuer_cn: String,
+    /// Serial, lower-case hex.
+    pub serial: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+}
+
+/// What is known about a served chain, read once when it is loaded.
+#[derive(Debug, Clone)]
+pub struct CertInfo {
+    /// Leaf start of validity.
+    pub not_before: SystemTime,
+    /// Leaf end of validity.
+    pub not_after: SystemTime,
+    /// Leaf serial, hex.
+    pub serial: String,
+    /// Leaf issuer CN.
+    pub issuer_cn: String,
+    /// Leaf subject CN.
+    pub subject: String,
+    /// e.g. `ECDSA-P256`, `RSA-2048`.
+    pub key_type: String,
+    /// DNS (and IP) subject alternative names, lower case.
+    pub sans: Vec<String>,
+    /// The leaf.
+    pub leaf: ChainEntry,
+    /// Intermediates, in chain order.
+    pub intermediates: Vec<ChainEntry>,
+    /// Set for file sources.
+    pub cert_path: Option<PathBuf>,
+    /// Set for file sources.
+    pub key_path: Option<PathBuf>,
+}
+
+/// A validated chain and key, ready for handshakes.
+#[derive(Debug, Clone)]
+pub struct ServedCert {
+    /// What rustls serves.
+    pub key: Arc<CertifiedKey>,
+    /// What the inventory shows.
+    pub info: CertInfo,
+}
+
+/// Outcome of the last load attempt of a slot (control path).
+#[derive(Debug, Clone, Default)]
+pub struct SlotStatus {
+    /// When the current certificate was published.
+    pub last_loaded: Option<SystemTime>,
+    /// The last failure, if it is still pending (cleared by a success).
+    pub last_error: Option<String>,
+    /// When the last failure happened.
+    pub last_error_at: Option<SystemTime>,
+}
+
+/// One certificate in service: the unit that is swapped.
+pub struct CertSlot {
+    /// The site's name.
+    pub name: String,
+    /// The names it must cover.
+    pub hosts: Vec<HostPattern>,
+    /// Where it comes from.
+    pub source: CertSource,
+    /// Whether it serves unknown names.
+    pub is_default: bool,
+    /// The chain in service; `None` until a first certificate exists.
+    current: ArcSwapOption<ServedCert>,
+    /// Load outcomes (control path only; never locked during a handshake).
+    status: Mutex<SlotStatus>,
+}
+
+impl fmt::Debug for CertSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertSlot")
+            .field("name", &self.name)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CertSlot {
+    /// A slot with nothing in service yet.
+    pub fn new(name: String, hosts: Vec<HostPattern>, source: CertSource, is_default: bool) -> Self {
+        CertSlot {
+            name,
+            hosts,
+            source,
+            is_default,
+            current: ArcSwapOption::empty(),
+            status: Mutex::new(SlotStatus::default()),
+        }
+    }
+
+    /// The chain in service.
+    pub fn current(&self) -> Option<Arc<ServedCert>> {
+        self.current.load_full()
+    }
+
+    /// What a handshake gets (hot path).
+    #[inline]
+    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
+        self.current.load().as_ref().map(|c| c.key.clone())
+    }
+
+    /// Puts a validated certificate in service and clears any pending error.
+    pub fn publish(&self, cert: ServedCert) {
+        self.current.store(Some(Arc::new(cert)));
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.last_loaded = Some(SystemTime::now());
+        st.last_error = None;
+        st.last_error_at = None;
+    }
+
+    /// Records a failure; returns true when it differs from the pending one
+    /// (so the caller logs each distinct failure once).
+    pub fn record_error(&self, error: &str) -> bool {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        let new = st.last_error.as_deref() != Some(error);
+        st.last_error = Some(error.to_string());
+        st.last_error_at = Some(SystemTime::now());
+        new
+    }
+
+    /// A copy of the status.
+    pub fn status(&self) -> SlotStatus {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// The SNI map: names to slots. Replaced as a whole only when the set of
+/// sites changes; a certificate replacement goes into its slot instead.
+#[derive(Debug, Default)]
+pub struct SniMap {
+    /// Names to slots.
+    hosts: HostMap<Arc<CertSlot>>,
+    /// Every slot, in config order.
+    slots: Vec<Arc<CertSlot>>,
+}
+
+impl SniMap {
+    /// Builds a map over `slots` (the first `is_default` one is the default).
+    pub fn new(slots: Vec<Arc<CertSlot>>) -> Self {
+        let mut hosts = HostMap::default();
+        for slot in &slots {
+            for h in &slot.hosts {
+                hosts.insert(h, slot.clone());
+            }
+            if slot.is_default && hosts.default_value().is_none() {
+                hosts.set_default(slot.clone());
+            }
+        }
+        SniMap { hosts, slots }
+    }
+
+    /// The slot for an SNI name (hot path).
+    #[inline]
+    pub fn lookup(&self, sni: Option<&str>) -> Option<&Arc<CertSlot>> {
+        self.hosts.lookup(sni)
+    }
+
+    /// Every slot.
+    pub fn slots(&self) -> &[Arc<CertSlot>] {
+        &self.slots
+    }
+}
+
+/// The certificates in service.
+#[derive(Debug, Default)]
+pub struct CertStore {
+    /// The current map; handshakes load it once.
+    map: ArcSwap<SniMap>,
+}
+
+impl CertStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        CertStore::default()
+    }
+
+    /// Loads every site's certificate. All failures are returned together.
+    pub fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
+        let store = CertStore::new();
+        let mut errors = Vec::new();
+        let mut slots = Vec::new();
+        for site in &config.sites {
+            let (source, origin) = match &site.tls {
+                TlsSource::Files { cert, key, origin } => (
+                    CertSource::File {
+                        cert: cert.clone(),
+                        key: key.clone(),
+                    },
+                    origin.clone(),
+                ),
+                TlsSource::Internal => (
+                    CertSource::Internal,
+                    Origin {
+                        file: config.source.clone(),
+                        line: 0,
+                        field: format!("sites.{}.tls", site.name),
+                    },
+                ),
+            };
+            let slot = Arc::new(CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default));
+            match obtain(&slot, ca, Checks { allow_expired: true }) {
+                Ok(cert) => {
+                    if SystemTime::now() > cert.info.not_after {
+                        tracing::warn!(site = %site.name, not_after = %rfc3339(cert.info.not_after), "serving an expired certificate; install a renewed one");
+                    }
+                    slot.publish(cert);
+                }
+                Err(error) => errors.push(SiteCertError { origin, error }),
+            }
+            slots.push(slot);
+        }
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        store.map.store(Arc::new(SniMap::new(slots)));
+        Ok(store)
+    }
+
+    /// The current map.
+    pub fn map(&self) -> arc_swap::Guard<Arc<SniMap>> {
+        self.map.load()
+    }
+
+    /// Replaces the whole map (a config reload that changes the set of sites).
+    pub fn replace_map(&self, map: SniMap) {
+        self.map.store(Arc::new(map));
+    }
+
+    /// Every slot in service.
+    pub fn slots(&self) -> Vec<Arc<CertSlot>> {
+        self.map.load().slots().to_vec()
+    }
+
+    /// The slot named `name`.
+    pub fn slot(&self, name: &str) -> Option<Arc<CertSlot>> {
+        self.map.load().slots().iter().find(|s| s.name == name).cloned()
+    }
+
+    /// Whether an SNI name has a certificate to serve (hot path).
+    #[inline]
+    pub fn has_cert_for(&self, sni: Option<&str>) -> bool {
+        self.map
+            .load()
+            .lookup(sni)
+            .is_some_and(|slot| slot.current.load().is_some())
+    }
+}
+
+/// Produces a certificate for a slot from its source.
+pub fn obtain(slot: &CertSlot, ca: Option<&InternalCa>, checks: Checks) -> Result<ServedCert, CertError> {
+    match &slot.source {
+        CertSource::File { cert, key } => {
+            let mut served = load::load_files(cert, key, &slot.hosts, checks)?;
+            served.info.cert_path = Some(cert.clone());
+            served.info.key_path = Some(key.clone());
+            Ok(served)
+        }
+        CertSource::Internal => {
+            let ca = ca.ok_or_else(|| CertError::Internal("the internal CA is not available".into()))?;
+            ca.issue(&slot.hosts)
+        }
+    }
+}
+
+/// The rustls resolver: reads the swapped map on every handshake.
+#[derive(Debug)]
+pub struct Resolver {
+    /// Shared with the control path, which swaps certificates in.
+    store: Arc<CertStore>,
+}
+
+impl Resolver {
+    /// A resolver over `store`.
+    pub fn new(store: Arc<CertStore>) -> Self {
+        Resolver { store }
+    }
+}
+
+impl ResolvesServerCert for Resolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.store.map.load().lookup(hello.server_name())?.certified_key()
+    }
+}
+
+/// RFC 3339 in UTC, seconds precision.
+pub fn rfc3339(t: SystemTime) -> String {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| secs.to_string())
+}

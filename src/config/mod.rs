@@ -1,0 +1,349 @@
+//! Configuration: the TOML file turned into a validated, typed [`Config`].
+//!
+//! Control path only. Parsing happens in two layers: serde structs that
+//! reject unknown keys and keep spans ([`raw`]), then [`validate`] which reads
+//! *every* value and reports all problems at once, each naming the file, the
+//! line, the field and what to do. Nothing here knows about TLS or HTTP
+//! machinery; certificate files are only named here and checked by the
+//! certificate store.
+
+mod duration;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{StatusCode, Uri};
+
+pub use duration::parse_duration;
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, for messages (`<cli>` when built in memory).
+    pub source: PathBuf,
+    /// Where the internal CA and other state live.
+    pub state_dir: PathBuf,
+    /// The admin listener; `None` when disabled.
+    pub admin: Option<SocketAddr>,
+    /// Sockets to accept on.
+    pub listeners: Vec<ListenerConfig>,
+    /// Virtual hosts, in file order.
+    pub sites: Vec<SiteConfig>,
+    /// Timeouts applied to every connection.
+    pub timeouts: Timeouts,
+    /// Size and count limits.
+    pub limits: Limits,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerConfig {
+    /// Address to bind.
+    pub addr: SocketAddr,
+    /// What is spoken on it.
+    pub protocol: ListenerProtocol,
+}
+
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenerProtocol {
+    /// TLS, then HTTP/1.1 or HTTP/2 chosen by ALPN.
+    Https,
+    /// Plain HTTP that answers everything with a 308 to HTTPS.
+    Http {
+        /// Port to put in the redirect; `None` means the default 443.
+        https_port: Option<u16>,
+    },
+}
+
+/// Where a configuration value came from: used to point errors found later
+/// (for example by the certificate store) at the right line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    /// The configuration file.
+    pub file: PathBuf,
+    /// 1-based line; 0 when the value did not come from a file.
+    pub line: usize,
+    /// Dotted field path, e.g. `sites[0].tls.cert`.
+    pub field: String,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.field)
+        } else {
+            write!(f, "{}:{}: {}", self.file.display(), self.line, self.field)
+        }
+    }
+}
+
+/// A host name a site answers for.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// `api.example.com` (stored lower case).
+    Exact(String),
+    /// `*.example.com`: stored as the suffix `example.com`; matches exactly
+    /// one more label.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (lower case, no port) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Wildcard(suffix) => match host.split_once('.') {
+                Some((label, rest)) => !label.is_empty() && rest == suffix,
+                None => false,
+            },
+        }
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(h) => f.write_str(h),
+            HostPattern::Wildcard(s) => write!(f, "*.{s}"),
+        }
+    }
+}
+
+/// A virtual host.
+#[derive(Debug, Clone)]
+pub struct SiteConfig {
+    /// Stable name used in logs, metrics and the certificate inventory.
+    pub name: String,
+    /// Names this site answers for.
+    pub hosts: Vec<HostPattern>,
+    /// Where its certificate comes from.
+    pub tls: TlsSource,
+    /// Whether this site's certificate and routes serve unknown names.
+    pub default: bool,
+    /// Routes, matched by longest path prefix.
+    pub routes: Vec<RouteConfig>,
+}
+
+/// Where a site's certificate comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsSource {
+    /// PEM files on disk (full chain, private key).
+    Files {
+        /// Certificate chain, leaf first.
+        cert: PathBuf,
+        /// Private key (PKCS#8, PKCS#1 or SEC1).
+        key: PathBuf,
+        /// The `tls` value in the config, for error messages.
+        origin: Origin,
+    },
+    /// Issued by the local CA kept in `state_dir`.
+    Internal,
+}
+
+/// One route of a site.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// Path prefix, starting with `/`.
+    pub path: String,
+    /// What to do with a matching request.
+    pub action: RouteAction,
+}
+
+/// What a route does.
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    /// Forward to an upstream.
+    Proxy(UpstreamConfig),
+    /// Answer directly.
+    Respond {
+        /// Status code.
+        status: StatusCode,
+        /// Body sent as is.
+        body: Bytes,
+        /// `Content-Type` of the body.
+        content_type: String,
+    },
+    /// Redirect; `{uri}` in `to` is replaced by the request path and query.
+    Redirect {
+        /// Target.
+        to: String,
+        /// 301, 302, 303, 307 or 308.
+        status: StatusCode,
+    },
+}
+
+/// An upstream to forward to.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// `http://host:port` (scheme and authority only).
+    pub uri: Uri,
+    /// Remove the route prefix from the path before forwarding.
+    pub strip_prefix: bool,
+    /// Send the client's `Host` upstream (default) instead of the upstream's.
+    pub preserve_host: bool,
+}
+
+/// Timeouts; every one has a default an operator would expect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP accept to finished TLS handshake.
+    pub tls_handshake: Duration,
+    /// Whole request head must arrive within this (slowloris).
+    pub request_header: Duration,
+    /// Longest wait for the next piece of a request body (slow upload).
+    pub request_body: Duration,
+    /// Longest a response write may stay blocked (slow reader).
+    pub response_write: Duration,
+    /// Keep-alive connection with nothing in flight is closed after this.
+    pub idle: Duration,
+    /// TCP connect to an upstream.
+    pub upstream_connect: Duration,
+    /// Request sent to response head received; past it the client gets 504.
+    pub upstream_response: Duration,
+    /// Pooled idle upstream connections are closed after this.
+    pub upstream_idle: Duration,
+    /// On SIGTERM, in-flight requests get this long to finish.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            tls_handshake: Duration::from_secs(10),
+            request_header: Duration::from_secs(30),
+            request_body: Duration::from_secs(60),
+            response_write: Duration::from_secs(60),
+            idle: Duration::from_secs(75),
+            upstream_connect: Duration::from_secs(5),
+            upstream_response: Duration::from_secs(60),
+            upstream_idle: Duration::from_secs(90),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Size and count limits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest request head (request line + headers), bytes.
+    pub max_header_bytes: usize,
+    /// Most header fields in one request.
+    pub max_headers: usize,
+    /// Most concurrent downstream connections; more wait in the backlog.
+    pub max_connections: usize,
+    /// Idle pooled connections kept per upstream.
+    pub max_upstream_idle_per_host: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_connections: 10_000,
+            max_upstream_idle_per_host: 256,
+        }
+    }
+}
+
+/// One problem in a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Where it is.
+    pub origin: Origin,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.origin, self.message)
+    }
+}
+
+/// Every problem found while loading a configuration.
+#[derive(Debug, Clone, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                origin: Origin {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    field: "file".into(),
+                },
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as if it were the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        validate::parse(path, text)
+    }
+
+    /// The one-route configuration behind `portcullis reverse-proxy`.
+    pub fn reverse_proxy(
+        from: SocketAddr,
+        hosts: Vec<String>,
+        to: Uri,
+        tls: TlsSource,
+        state_dir: PathBuf,
+        admin: Option<SocketAddr>,
+    ) -> Config {
+        let hosts = hosts
+            .into_iter()
+            .map(|h| match h.strip_prefix("*.") {
+                Some(s) => HostPattern::Wildcard(s.to_ascii_lowercase()),
+                None => HostPattern::Exact(h.to_ascii_lowercase()),
+            })
+            .collect();
+        Config {
+            source: PathBuf::from("<command line>"),
+            state_dir,
+            admin,
+            listeners: vec![ListenerConfig {
+                addr: from,
+                protocol: ListenerProtocol::Https,
+            }],
+            sites: vec![SiteConfig {
+                name: "reverse-proxy".into(),
+                hosts,
+                tls,
+                default: true,
+                routes: vec![RouteConfig {
+                    path: "/".into(),
+                    action: RouteAction::Proxy(UpstreamConfig {
+                        uri: to,
+                        strip_prefix: false,
+                        preserve_host: true,
+                    }),
+                }],
+            }],
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+        }
+    }
+}

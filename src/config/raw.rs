@@ -1,0 +1,106 @@
+//! The file format as serde sees it: every table rejects unknown keys, and
+//! every value a later check looks at keeps its span so an error can name
+//! the line it came from.
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// The whole file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    /// Directory for the internal CA and (later) ACME state.
+    pub state_dir: Option<Spanned<String>>,
+    /// The admin listener.
+    pub admin: Option<RawAdmin>,
+    /// Timeouts for downstream and upstream connections.
+    pub timeouts: Option<RawTimeouts>,
+    /// Size and count limits.
+    pub limits: Option<RawLimits>,
+    /// Sockets to listen on.
+    #[serde(default)]
+    pub listeners: Vec<Spanned<RawListener>>,
+    /// Virtual hosts.
+    #[serde(default)]
+    pub sites: Vec<Spanned<RawSite>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawAdmin {
+    /// `host:port`, or `"off"` to disable the admin listener.
+    pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawTimeouts {
+    pub tls_handshake: Option<Spanned<String>>,
+    pub request_header: Option<Spanned<String>>,
+    pub request_body: Option<Spanned<String>>,
+    pub response_write: Option<Spanned<String>>,
+    pub idle: Option<Spanned<String>>,
+    pub upstream_connect: Option<Spanned<String>>,
+    pub upstream_response: Option<Spanned<String>>,
+    pub upstream_idle: Option<Spanned<String>>,
+    pub shutdown_grace: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimits {
+    pub max_header_bytes: Option<Spanned<i64>>,
+    pub max_headers: Option<Spanned<i64>>,
+    pub max_connections: Option<Spanned<i64>>,
+    pub max_upstream_idle_per_host: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListener {
+    pub listen: Spanned<String>,
+    /// `"https"` (default) or `"http"`.
+    pub protocol: Option<Spanned<String>>,
+    /// For `http` listeners: the port the 308 redirect points to.
+    pub https_port: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSite {
+    pub name: Option<Spanned<String>>,
+    pub hosts: Spanned<Vec<Spanned<String>>>,
+    /// `"internal"` or `{ cert = "...", key = "..." }`; interpreted by hand
+    /// so the error says what is expected instead of "no variant matched".
+    pub tls: Option<Spanned<toml::Value>>,
+    /// Serve this site's certificate (and routes) for unknown names.
+    pub default: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRoute {
+    pub path: Option<Spanned<String>>,
+    pub upstream: Option<Spanned<String>>,
+    pub strip_prefix: Option<bool>,
+    pub preserve_host: Option<bool>,
+    pub respond: Option<Spanned<RawRespond>>,
+    pub redirect: Option<Spanned<RawRedirect>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRespond {
+    pub status: Option<Spanned<i64>>,
+    pub body: Option<String>,
+    pub content_type: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRedirect {
+    pub to: Spanned<String>,
+    pub status: Option<Spanned<i64>>,
+}

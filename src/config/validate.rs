@@ -1,0 +1,643 @@
+//! Raw file -> [`Config`]: every value is read, every problem collected.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{StatusCode, Uri};
+use toml::Spanned;
+
+use super::raw::*;
+use super::*;
+
+/// Collects errors with their line numbers.
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn line_of(&self, span: &Range<usize>) -> usize {
+        let end = span.start.min(self.text.len());
+        self.text.as_bytes()[..end]
+            .iter()
+            .filter(|&&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn origin(&self, span: &Range<usize>, field: &str) -> Origin {
+        Origin {
+            file: self.file.to_path_buf(),
+            line: self.line_of(span),
+            field: field.to_string(),
+        }
+    }
+
+    fn err(&mut self, span: &Range<usize>, field: &str, message: impl Into<String>) {
+        let origin = self.origin(span, field);
+        self.errors.push(ConfigError {
+            origin,
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, v: &Option<Spanned<String>>, field: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.err(&v.span(), field, "must be greater than zero");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(&v.span(), field, e);
+                default
+            }
+        }
+    }
+
+    fn count(&mut self, v: &Option<Spanned<i64>>, field: &str, min: i64, max: i64, default: usize) -> usize {
+        let Some(v) = v else { return default };
+        let n = *v.get_ref();
+        if n < min || n > max {
+            self.err(
+                &v.span(),
+                field,
+                format!("{n} is out of range; use a value from {min} to {max}"),
+            );
+            return default;
+        }
+        n as usize
+    }
+}
+
+pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx {
+        file: path,
+        text,
+        errors: Vec::new(),
+    };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(raw) => raw,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let (field, message) = describe_toml_error(&e);
+            cx.err(&span, &field, message);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let config = build(&mut cx, raw, path);
+    if cx.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(cx.errors))
+    }
+}
+
+/// Turns a toml/serde message into (field, message with a hint).
+fn describe_toml_error(e: &toml::de::Error) -> (String, String) {
+    let msg = e.message().trim().to_string();
+    // serde: "unknown field `foo`, expected one of `a`, `b`"
+    if let Some(rest) = msg.strip_prefix("unknown field `") {
+        if let Some((name, expected)) = rest.split_once('`') {
+            let expected = expected.trim_start_matches(", ");
+            return (
+                name.to_string(),
+                format!("unknown key \"{name}\"; remove it or fix its spelling ({expected})"),
+            );
+        }
+    }
+    if let Some(rest) = msg.strip_prefix("missing field `") {
+        if let Some((name, _)) = rest.split_once('`') {
+            return (
+                name.to_string(),
+                format!("required key \"{name}\" is missing from this table; add it"),
+            );
+        }
+    }
+    ("syntax".to_string(), msg)
+}
+
+fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
+    let base = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    let resolve = |p: &str| -> PathBuf {
+        let p = PathBuf::from(p);
+        if p.is_absolute() {
+            p
+        } else {
+            base.join(p)
+        }
+    };
+
+    let state_dir = match &raw.state_dir {
+        Some(s) if s.get_ref().trim().is_empty() => {
+            cx.err(&s.span(), "state_dir", "is empty; give a directory path such as \"/var/lib/portcullis\"");
+            PathBuf::new()
+        }
+        Some(s) => resolve(s.get_ref()),
+        None => base.join("state"),
+    };
+
+    let admin = match raw.admin.as_ref().and_then(|a| a.listen.as_ref()) {
+        None => Some(SocketAddr::from(([127, 0, 0, 1], 9901))),
+        Some(v) if v.get_ref() == "off" => None,
+        Some(v) => match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                cx.err(
+                    &v.span(),
+                    "admin.listen",
+                    format!("\"{}\" is not an address; write IP:PORT such as \"127.0.0.1:9901\", or \"off\"", v.get_ref()),
+                );
+                None
+            }
+        },
+    };
+
+    let t = raw.timeouts.unwrap_or_default();
+    let d = Timeouts::default();
+    let timeouts = Timeouts {
+        tls_handshake: cx.duration(&t.tls_handshake, "timeouts.tls_handshake", d.tls_handshake),
+        request_header: cx.duration(&t.request_header, "timeouts.request_header", d.request_header),
+        request_body: cx.duration(&t.request_body, "timeouts.request_body", d.request_body),
+        response_write: cx.duration(&t.response_write, "timeouts.response_write", d.response_write),
+        idle: cx.duration(&t.idle, "timeouts.idle", d.idle),
+        upstream_connect: cx.duration(&t.upstream_connect, "timeouts.upstream_connect", d.upstream_connect),
+        upstream_response: cx.duration(&t.upstream_response, "timeouts.upstream_response", d.upstream_response),
+        upstream_idle: cx.duration(&t.upstream_idle, "timeouts.upstream_idle", d.upstream_idle),
+        shutdown_grace: cx.duration(&t.shutdown_grace, "timeouts.shutdown_grace", d.shutdown_grace),
+    };
+
+    let l = raw.limits.unwrap_or_default();
+    let dl = Limits::default();
+    let limits = Limits {
+        max_header_bytes: cx.count(&l.max_header_bytes, "limits.max_header_bytes", 8192, 1 << 24, dl.max_header_bytes),
+        max_headers: cx.count(&l.max_headers, "limits.max_headers", 1, 10_000, dl.max_headers),
+        max_connections: cx.count(&l.max_connections, "limits.max_connections", 1, 10_000_000, dl.max_connections),
+        max_upstream_idle_per_host: cx.count(
+            &l.max_upstream_idle_per_host,
+            "limits.max_upstream_idle_per_host",
+            0,
+            1_000_000,
+            dl.max_upstream_idle_per_host,
+        ),
+    };
+
+    let listeners = build_listeners(cx, &raw.listeners);
+    let sites = build_sites(cx, &raw.sites, &resolve);
+
+    if !listeners.iter().any(|l| l.protocol == ListenerProtocol::Https) && !sites.is_empty() {
+        cx.err(
+            &(0..0),
+            "listeners",
+            "no https listener; add [[listeners]] with listen = \"0.0.0.0:443\"",
+        );
+    }
+
+    Config {
+        source: path.to_path_buf(),
+        state_dir,
+        admin,
+        listeners,
+        sites,
+        timeouts,
+        limits,
+    }
+}
+
+fn build_listeners(cx: &mut Ctx<'_>, raw: &[Spanned<RawListener>]) -> Vec<ListenerConfig> {
+    let mut out = Vec::new();
+    let mut seen: HashMap<SocketAddr, usize> = HashMap::new();
+    for (i, l) in raw.iter().enumerate() {
+        let l = l.get_ref();
+        let field = format!("listeners[{i}].listen");
+        let addr = match l.listen.get_ref().parse::<SocketAddr>() {
+            Ok(a) => a,
+            Err(_) => {
+                cx.err(
+                    &l.listen.span(),
+                    &field,
+                    format!(
+                        "\"{}\" is not an address; write IP:PORT such as \"0.0.0.0:443\" or \"[::]:443\"",
+                        l.listen.get_ref()
+                    ),
+                );
+                continue;
+            }
+        };
+        if addr.port() != 0 {
+            if let Some(prev) = seen.insert(addr, i) {
+                cx.err(
+                    &l.listen.span(),
+                    &field,
+                    format!("{addr} is already used by listeners[{prev}]; each listener needs its own address"),
+                );
+            }
+        }
+        let https_port = match &l.https_port {
+            None => None,
+            Some(p) => match u16::try_from(*p.get_ref()) {
+                Ok(p) if p != 0 => Some(p),
+                _ => {
+                    cx.err(&p.span(), &format!("listeners[{i}].https_port"), "must be a port from 1 to 65535");
+                    None
+                }
+            },
+        };
+        let protocol = match l.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+            None | Some(("https", _)) => {
+                if let Some(p) = &l.https_port {
+                    cx.err(
+                        &p.span(),
+                        &format!("listeners[{i}].https_port"),
+                        "only applies to protocol = \"http\" listeners; remove it",
+                    );
+                }
+                ListenerProtocol::Https
+            }
+            Some(("http", _)) => ListenerProtocol::Http { https_port },
+            Some((other, span)) => {
+                cx.err(
+                    &span,
+                    &format!("listeners[{i}].protocol"),
+                    format!("\"{other}\" is not a protocol; use \"https\" or \"http\""),
+                );
+                continue;
+            }
+        };
+        out.push(ListenerConfig { addr, protocol });
+    }
+    out
+}
+
+fn build_sites(
+    cx: &mut Ctx<'_>,
+    raw: &[Spanned<RawSite>],
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Vec<SiteConfig> {
+    let mut out = Vec::new();
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut hosts_seen: HashMap<HostPattern, usize> = HashMap::new();
+    let mut default_site: Option<usize> = None;
+    for (i, s) in raw.iter().enumerate() {
+        let site_span = s.span();
+        let s = s.get_ref();
+        let mut hosts = Vec::new();
+        if s.hosts.get_ref().is_empty() {
+            cx.err(
+                &s.hosts.span(),
+                &format!("sites[{i}].hosts"),
+                "is empty; list at least one host name such as \"api.example.com\"",
+            );
+        }
+        for (j, h) in s.hosts.get_ref().iter().enumerate() {
+            let field = format!("sites[{i}].hosts[{j}]");
+            match parse_host(h.get_ref()) {
+                Ok(p) => {
+                    if let Some(prev) = hosts_seen.insert(p.clone(), i) {
+                        if prev != i {
+                            cx.err(
+                                &h.span(),
+                                &field,
+                                format!("\"{p}\" is already served by sites[{prev}]; a host belongs to one site"),
+                            );
+                        }
+                    }
+                    hosts.push(p);
+                }
+                Err(e) => cx.err(&h.span(), &field, e),
+            }
+        }
+        let name = match &s.name {
+            Some(n) if !valid_name(n.get_ref()) => {
+                cx.err(
+                    &n.span(),
+                    &format!("sites[{i}].name"),
+                    format!("\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'", n.get_ref()),
+                );
+                String::new()
+            }
+            Some(n) => n.get_ref().clone(),
+            None => s
+                .hosts
+                .get_ref()
+                .first()
+                .map(|h| h.get_ref().to_ascii_lowercase())
+                .unwrap_or_else(|| format!("site{i}")),
+        };
+        if let Some(prev) = names.insert(name.clone(), i) {
+            let span = s.name.as_ref().map(|n| n.span()).unwrap_or(site_span.clone());
+            cx.err(
+                &span,
+                &format!("sites[{i}].name"),
+                format!("\"{name}\" is already the name of sites[{prev}]; give each site its own name"),
+            );
+        }
+        let default = s.default.as_ref().map(|d| *d.get_ref()).unwrap_or(false);
+        if default {
+            if let Some(prev) = default_site {
+                cx.err(
+                    &s.default.as_ref().unwrap().span(),
+                    &format!("sites[{i}].default"),
+                    format!("sites[{prev}] is already the default site; only one site may set default = true"),
+                );
+            }
+            default_site = Some(i);
+        }
+        let tls = match &s.tls {
+            None => {
+                cx.err(
+                    &site_span,
+                    &format!("sites[{i}].tls"),
+                    "is missing; set tls = { cert = \"fullchain.pem\", key = \"key.pem\" } or tls = \"internal\"",
+                );
+                TlsSource::Internal
+            }
+            Some(v) => parse_tls(cx, v, i, resolve),
+        };
+        let mut routes = Vec::new();
+        let mut paths: HashSet<String> = HashSet::new();
+        for (j, r) in s.routes.iter().enumerate() {
+            if let Some(route) = build_route(cx, r, i, j) {
+                if !paths.insert(route.path.clone()) {
+                    let span = r.get_ref().path.as_ref().map(|p| p.span()).unwrap_or(r.span());
+                    cx.err(
+                        &span,
+                        &format!("sites[{i}].routes[{j}].path"),
+                        format!("\"{}\" is already routed in this site; merge the two routes", route.path),
+                    );
+                }
+                routes.push(route);
+            }
+        }
+        if s.routes.is_empty() {
+            cx.err(
+                &site_span,
+                &format!("sites[{i}].routes"),
+                "has no routes; add [[sites.routes]] with upstream = \"http://127.0.0.1:3000\"",
+            );
+        }
+        // Longest prefix first, so the first match wins.
+        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        out.push(SiteConfig {
+            name,
+            hosts,
+            tls,
+            default,
+            routes,
+        });
+    }
+    out
+}
+
+fn valid_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+/// Validates a host name or `*.suffix` wildcard.
+pub(crate) fn parse_host(h: &str) -> Result<HostPattern, String> {
+    let lower = h.trim().to_ascii_lowercase();
+    let (wild, name) = match lower.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, lower.as_str()),
+    };
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if !ok {
+        return Err(format!(
+            "\"{h}\" is not a host name; write a name such as \"api.example.com\" or \"*.example.com\" (no scheme, port or path)"
+        ));
+    }
+    if wild {
+        if !name.contains('.') {
+            return Err(format!("\"{h}\" is too broad; a wildcard needs at least two labels after \"*.\""));
+        }
+        Ok(HostPattern::Wildcard(name.to_string()))
+    } else {
+        Ok(HostPattern::Exact(name.to_string()))
+    }
+}
+
+fn parse_tls(
+    cx: &mut Ctx<'_>,
+    v: &Spanned<toml::Value>,
+    i: usize,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> TlsSource {
+    let field = format!("sites[{i}].tls");
+    let hint = "write tls = \"internal\" or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
+    match v.get_ref() {
+        toml::Value::String(s) if s == "internal" => TlsSource::Internal,
+        toml::Value::String(s) if s == "acme" => {
+            cx.err(
+                &v.span(),
+                &field,
+                "ACME is not available in this version; use tls = \"internal\" or certificate files",
+            );
+            TlsSource::Internal
+        }
+        toml::Value::String(s) => {
+            cx.err(&v.span(), &field, format!("\"{s}\" is not a certificate source; {hint}"));
+            TlsSource::Internal
+        }
+        toml::Value::Table(t) => {
+            let mut cert = None;
+            let mut key = None;
+            for (k, val) in t {
+                match (k.as_str(), val) {
+                    ("cert", toml::Value::String(s)) => cert = Some(resolve(s)),
+                    ("key", toml::Value::String(s)) => key = Some(resolve(s)),
+                    ("cert" | "key", _) => {
+                        cx.err(&v.span(), &format!("{field}.{k}"), "must be a file path string");
+                    }
+                    ("acme", _) => {
+                        cx.err(
+                            &v.span(),
+                            &format!("{field}.acme"),
+                            "ACME is not available in this version; use tls = \"internal\" or certificate files",
+                        );
+                    }
+                    (other, _) => {
+                        cx.err(
+                            &v.span(),
+                            &format!("{field}.{other}"),
+                            format!("unknown key \"{other}\"; expected cert and key"),
+                        );
+                    }
+                }
+            }
+            match (cert, key) {
+                (Some(cert), Some(key)) => TlsSource::Files {
+                    cert,
+                    key,
+                    origin: cx.origin(&v.span(), &field),
+                },
+                (None, _) => {
+                    cx.err(&v.span(), &format!("{field}.cert"), format!("is missing; {hint}"));
+                    TlsSource::Internal
+                }
+                (_, None) => {
+                    cx.err(&v.span(), &format!("{field}.key"), format!("is missing; {hint}"));
+                    TlsSource::Internal
+                }
+            }
+        }
+        _ => {
+            cx.err(&v.span(), &field, hint);
+            TlsSource::Internal
+        }
+    }
+}
+
+fn build_route(cx: &mut Ctx<'_>, r: &Spanned<RawRoute>, i: usize, j: usize) -> Option<RouteConfig> {
+    let span = r.span();
+    let r = r.get_ref();
+    let prefix = format!("sites[{i}].routes[{j}]");
+    let path = match &r.path {
+        None => "/".to_string(),
+        Some(p) if !p.get_ref().starts_with('/') || p.get_ref().contains(['?', '#', ' ']) => {
+            cx.err(
+                &p.span(),
+                &format!("{prefix}.path"),
+                format!("\"{}\" is not a path prefix; it must start with \"/\" and hold no query", p.get_ref()),
+            );
+            return None;
+        }
+        Some(p) => p.get_ref().clone(),
+    };
+    let actions = r.upstream.is_some() as u8 + r.respond.is_some() as u8 + r.redirect.is_some() as u8;
+    if actions != 1 {
+        cx.err(
+            &span,
+            &prefix,
+            if actions == 0 {
+                "has no action; set one of upstream = \"http://host:port\", respond = { status = 200, body = \"...\" } or redirect = { to = \"https://...\" }"
+            } else {
+                "has more than one action; keep exactly one of upstream, respond and redirect"
+            },
+        );
+        return None;
+    }
+    if r.upstream.is_none() && (r.strip_prefix.is_some() || r.preserve_host.is_some()) {
+        cx.err(
+            &span,
+            &prefix,
+            "strip_prefix and preserve_host only apply to upstream routes; remove them",
+        );
+    }
+    let action = if let Some(u) = &r.upstream {
+        let field = format!("{prefix}.upstream");
+        let uri = parse_upstream(u.get_ref()).map_err(|e| cx.err(&u.span(), &field, e)).ok()?;
+        RouteAction::Proxy(UpstreamConfig {
+            uri,
+            strip_prefix: r.strip_prefix.unwrap_or(false),
+            preserve_host: r.preserve_host.unwrap_or(true),
+        })
+    } else if let Some(resp) = &r.respond {
+        let resp_span = resp.span();
+        let resp = resp.get_ref();
+        let status = match &resp.status {
+            None => StatusCode::OK,
+            Some(s) => match u16::try_from(*s.get_ref()).ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+                Some(c) if c.as_u16() >= 200 => c,
+                _ => {
+                    cx.err(
+                        &s.span(),
+                        &format!("{prefix}.respond.status"),
+                        format!("{} is not a valid status; use a code from 200 to 599", s.get_ref()),
+                    );
+                    return None;
+                }
+            },
+        };
+        let _ = resp_span;
+        RouteAction::Respond {
+            status,
+            body: Bytes::from(resp.body.clone().unwrap_or_default()),
+            content_type: resp
+                .content_type
+                .clone()
+                .unwrap_or_else(|| "text/plain; charset=utf-8".into()),
+        }
+    } else {
+        let red = r.redirect.as_ref().unwrap().get_ref();
+        let to = red.to.get_ref();
+        if to.is_empty() || to.contains(['\r', '\n', ' ']) {
+            cx.err(
+                &red.to.span(),
+                &format!("{prefix}.redirect.to"),
+                format!("\"{to}\" is not a redirect target; write a URL such as \"https://example.com{{uri}}\""),
+            );
+            return None;
+        }
+        let status = match &red.status {
+            None => StatusCode::PERMANENT_REDIRECT,
+            Some(s) => match *s.get_ref() {
+                301 | 302 | 303 | 307 | 308 => StatusCode::from_u16(*s.get_ref() as u16).unwrap(),
+                other => {
+                    cx.err(
+                        &s.span(),
+                        &format!("{prefix}.redirect.status"),
+                        format!("{other} is not a redirect status; use 301, 302, 303, 307 or 308"),
+                    );
+                    return None;
+                }
+            },
+        };
+        RouteAction::Redirect {
+            to: to.clone(),
+            status,
+        }
+    };
+    Some(RouteConfig { path, action })
+}
+
+/// `http://host:port` with no path, query or credentials.
+fn parse_upstream(s: &str) -> Result<Uri, String> {
+    let bad = || format!("\"{s}\" is not a URL; write it as \"http://host:port\"");
+    let uri: Uri = s.parse().map_err(|_| bad())?;
+    match uri.scheme_str() {
+        Some("http") => {}
+        Some("https") => {
+            return Err(format!(
+                "\"{s}\": https upstreams are not available in this version; use http://"
+            ))
+        }
+        Some(other) => return Err(format!("\"{s}\": scheme \"{other}\" is not supported; use http://")),
+        None => return Err(bad()),
+    }
+    let Some(auth) = uri.authority() else {
+        return Err(bad());
+    };
+    if auth.as_str().contains('@') {
+        return Err(format!("\"{s}\": credentials in the URL are not supported; remove \"user@\""));
+    }
+    if auth.host().is_empty() {
+        return Err(bad());
+    }
+    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        return Err(format!(
+            "\"{s}\": an upstream URL takes no path; the request path is forwarded as is (use strip_prefix = true to drop the route prefix)"
+        ));
+    }
+    Uri::builder()
+        .scheme("http")
+        .authority(auth.as_str())
+        .path_and_query("/")
+        .build()
+        .map_err(|_| bad())
+}

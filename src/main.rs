@@ -1,0 +1,239 @@
+//! The `portcullis` command: parses the command line, sets up logging, loads
+//! the config and runs the library.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use tokio_util::sync::CancellationToken;
+
+use portcullis::config::{Config, HostPattern, TlsSource};
+use portcullis::Server;
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "A TLS-terminating reverse proxy that keeps its certificates alive")]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy.
+    Run {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration and its certificates; exit 0 if good, 1 if not.
+    Validate {
+        /// Configuration file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Proxy one address to one upstream, no config file needed.
+    ReverseProxy {
+        /// Address to serve HTTPS on, e.g. `localhost:8443` or `0.0.0.0:443`.
+        #[arg(long)]
+        from: String,
+        /// Upstream URL, e.g. `http://127.0.0.1:3000`.
+        #[arg(long)]
+        to: String,
+        /// Certificate chain (PEM); without it the internal CA issues one.
+        #[arg(long, requires = "key")]
+        cert: Option<PathBuf>,
+        /// Private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<PathBuf>,
+        /// Host names to serve (default: the host of --from, or localhost).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Where the internal CA lives.
+        #[arg(long, default_value = "state")]
+        state_dir: PathBuf,
+        /// Admin listener address, or `off`.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: String,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match real_main(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn real_main(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Validate { config } => Ok(validate(&config)),
+        Command::Run { config } => {
+            let config = match Config::load(&config) {
+                Ok(c) => c,
+                Err(errors) => {
+                    eprintln!("{errors}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            serve(config)
+        }
+        Command::ReverseProxy {
+            from,
+            to,
+            cert,
+            key,
+            hosts,
+            state_dir,
+            admin,
+        } => {
+            let (addr, from_host) = parse_from(&from)?;
+            let to = parse_to(&to)?;
+            let hosts = if hosts.is_empty() {
+                vec![from_host.unwrap_or_else(|| "localhost".into())]
+            } else {
+                hosts
+            };
+            let tls = match (cert, key) {
+                (Some(cert), Some(key)) => TlsSource::Files {
+                    origin: portcullis::config::Origin {
+                        file: "<command line>".into(),
+                        line: 0,
+                        field: "--cert/--key".into(),
+                    },
+                    cert,
+                    key,
+                },
+                _ => TlsSource::Internal,
+            };
+            let admin = if admin == "off" {
+                None
+            } else {
+                Some(admin.parse::<SocketAddr>().with_context(|| format!("--admin {admin:?} is not IP:PORT or \"off\""))?)
+            };
+            let config = Config::reverse_proxy(addr, hosts, to, tls, state_dir, admin);
+            serve(config)
+        }
+    }
+}
+
+fn validate(path: &std::path::Path) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("configuration {} is invalid", path.display());
+            return ExitCode::FAILURE;
+        }
+    };
+    // Certificates are checked exactly as `run` would load them.
+    let mut failed = false;
+    for site in &config.sites {
+        if let TlsSource::Files { cert, key, origin } = &site.tls {
+            if let Err(e) = portcullis::certstore::load::load_files(
+                cert,
+                key,
+                &site.hosts,
+                portcullis::certstore::Checks { allow_expired: true },
+            ) {
+                eprintln!("{origin}: {e}");
+                failed = true;
+            }
+        }
+    }
+    if failed {
+        eprintln!("configuration {} is invalid", path.display());
+        return ExitCode::FAILURE;
+    }
+    println!("configuration {} is valid", path.display());
+    ExitCode::SUCCESS
+}
+
+fn serve(config: Config) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = CancellationToken::new();
+        portcullis::shutdown::on_signals(shutdown.clone());
+        let first_internal = config.sites.iter().find(|s| s.tls == TlsSource::Internal).map(|s| s.hosts.clone());
+        let server = Server::bind(config, shutdown).await?;
+        if let (Some(ca), Some(hosts)) = (server.internal_ca_path(), first_internal) {
+            let ca = std::fs::canonicalize(&ca).unwrap_or(ca);
+            let host = hosts
+                .iter()
+                .find_map(|h| match h {
+                    HostPattern::Exact(h) => Some(h.clone()),
+                    HostPattern::Wildcard(s) => Some(format!("www.{s}")),
+                })
+                .unwrap_or_else(|| "localhost".into());
+            tracing::info!(ca = %ca.display(), "internal CA certificate (trust this file to verify internal certificates)");
+            if let Some(addr) = server.https_addrs().first() {
+                let port = if addr.port() == 443 { String::new() } else { format!(":{}", addr.port()) };
+                eprintln!("try: curl --cacert {} https://{host}{port}/", ca.display());
+            }
+        }
+        server.run().await?;
+        Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+    })
+}
+
+/// `localhost:8443`, `:8443`, `0.0.0.0:443`, `[::1]:443` -> address and host name.
+fn parse_from(from: &str) -> Result<(SocketAddr, Option<String>)> {
+    if let Ok(a) = from.parse::<SocketAddr>() {
+        return Ok((a, None));
+    }
+    if let Some(port) = from.strip_prefix(':') {
+        let port: u16 = port.parse().with_context(|| format!("--from {from:?}: bad port"))?;
+        return Ok((SocketAddr::from(([0, 0, 0, 0], port)), None));
+    }
+    let Some((host, _)) = from.rsplit_once(':') else {
+        bail!("--from {from:?} needs a port, e.g. localhost:8443");
+    };
+    let addr = from
+        .to_socket_addrs()
+        .with_context(|| format!("--from {from:?}: cannot resolve"))?
+        .next()
+        .with_context(|| format!("--from {from:?}: no address"))?;
+    Ok((addr, Some(host.to_string())))
+}
+
+fn parse_to(to: &str) -> Result<http::Uri> {
+    let with_scheme = if to.contains("://") { to.to_string() } else { format!("http://{to}") };
+    let uri: http::Uri = with_scheme
+        .parse()
+        .with_context(|| format!("--to {to:?} is not a URL; write http://host:port"))?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        bail!("--to {to:?}: only http://host:port upstreams are supported");
+    }
+    Ok(uri)
+}

@@ -1,0 +1,277 @@
+//! The request handler of TLS listeners: check, route, then answer,
+//! redirect or forward. Hot path.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::body::{RequestBody, ResponseBody, TrackedBody};
+use super::headers::{self, Reject};
+use super::io::ConnShared;
+use super::{Runtime, Snapshot};
+use crate::config::{RouteAction, UpstreamConfig};
+
+/// Per-connection context shared by its requests.
+pub struct ConnCtx {
+    /// Shared runtime.
+    pub rt: Arc<Runtime>,
+    /// Client address.
+    pub peer: SocketAddr,
+    /// Counters shared with the byte stream and the connection driver.
+    pub shared: Arc<ConnShared>,
+    /// SNI the client sent (for logs).
+    pub sni: Option<Arc<str>>,
+}
+
+/// Facts about a request kept for its access-log line.
+struct Access {
+    start: Instant,
+    method: Method,
+    host: String,
+    path: String,
+    upstream: Option<String>,
+    status: u16,
+    version: Version,
+}
+
+/// Serves one request; never fails (errors become responses).
+pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<TrackedBody>, Infallible> {
+    let index = ctx.shared.requests.fetch_add(1, Ordering::AcqRel);
+    ctx.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+    let mut access = Access {
+        start: Instant::now(),
+        method: req.method().clone(),
+        host: String::new(),
+        path: req.uri().path().to_string(),
+        upstream: None,
+        status: 0,
+        version: req.version(),
+    };
+    let resp = route_plain(&ctx, req, index, &mut access).await;
+    access.status = resp.status().as_u16();
+    let (parts, body) = resp.into_parts();
+    let ctx2 = ctx.clone();
+    let on_done = Box::new(move |bytes: u64| {
+        let shared = &ctx2.shared;
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+        shared.last_done_ms.store(ctx2.rt.now_ms(), Ordering::Release);
+        tracing::info!(
+            target: "access",
+            client = %ctx2.peer.ip(),
+            host = %access.host,
+            sni = ctx2.sni.as_deref().unwrap_or("-"),
+            method = %access.method,
+            path = %access.path,
+            proto = ?access.version,
+            status = access.status,
+            bytes,
+            duration_ms = access.start.elapsed().as_secs_f64() * 1000.0,
+            upstream = access.upstream.as_deref().unwrap_or("-"),
+        );
+    });
+    Ok(Response::from_parts(parts, TrackedBody::new(body, on_done)))
+}
+
+/// A response whose body is not yet tracked.
+type Plain = Response<ResponseBody>;
+
+async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: &mut Access) -> Plain {
+    if ctx.shared.first_bad_head.load(Ordering::Acquire) == index {
+        return bad_request(Reject::LengthAndEncoding);
+    }
+    let host = match headers::check_request(&req) {
+        Ok(h) => h.map(str::to_string),
+        Err(r) => return bad_request(r),
+    };
+    access.host = host.clone().unwrap_or_default();
+    if req.method() == Method::CONNECT {
+        return short(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
+    }
+    let snap = ctx.rt.snapshot.load_full();
+    let Some(site) = snap.sites.lookup(host.as_deref()).cloned() else {
+        return short(StatusCode::MISDIRECTED_REQUEST, "no site is configured for this host\n");
+    };
+    let Some(route) = site.route(req.uri().path()) else {
+        return short(StatusCode::NOT_FOUND, "not found\n");
+    };
+    match &route.action {
+        RouteAction::Respond {
+            status,
+            body,
+            content_type,
+        } => {
+            let mut r = Response::new(ResponseBody::full(body.clone()));
+            *r.status_mut() = *status;
+            if let Ok(v) = HeaderValue::from_str(content_type) {
+                r.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            r
+        }
+        RouteAction::Redirect { to, status } => {
+            let uri = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let target = to.replace("{uri}", uri);
+            let mut r = Response::new(ResponseBody::Empty);
+            *r.status_mut() = *status;
+            match HeaderValue::try_from(target) {
+                Ok(v) => {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                Err(_) => return bad_request(Reject::HeaderBytes),
+            }
+            r
+        }
+        RouteAction::Proxy(up) => {
+            access.upstream = Some(up.uri.authority().map(|a| a.to_string()).unwrap_or_default());
+            forward(ctx, &snap, req, up, &route.prefix).await
+        }
+    }
+}
+
+fn short(status: StatusCode, msg: &'static str) -> Plain {
+    let mut r = Response::new(ResponseBody::full(Bytes::from_static(msg.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+fn bad_request(r: Reject) -> Plain {
+    let mut resp = short(StatusCode::BAD_REQUEST, r.message());
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Sends the request upstream and streams the answer back.
+async fn forward(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>, up: &UpstreamConfig, prefix: &str) -> Plain {
+    let upgrade = headers::is_upgrade(&req);
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
+    let (mut parts, body) = req.into_parts();
+
+    // Target URI: upstream scheme + authority, request path (maybe stripped) + query.
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let pq = if up.strip_prefix && prefix != "/" {
+        let rest = &pq[prefix.trim_end_matches('/').len().min(pq.len())..];
+        if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        }
+    } else {
+        pq.to_string()
+    };
+    let mut target = up.uri.clone().into_parts();
+    target.path_and_query = match pq.parse() {
+        Ok(p) => Some(p),
+        Err(_) => return bad_request(Reject::HeaderBytes),
+    };
+    let Ok(uri) = Uri::from_parts(target) else {
+        return bad_request(Reject::HeaderBytes);
+    };
+
+    let original_host = parts
+        .headers
+        .get(header::HOST)
+        .cloned()
+        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), original_host.as_ref(), parts.version);
+    let host = if up.preserve_host {
+        original_host
+    } else {
+        up.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    };
+    if let Some(h) = host {
+        parts.headers.insert(header::HOST, h);
+    }
+    if let (true, Some(proto)) = (upgrade, upgrade_proto) {
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto);
+    }
+    parts.uri = uri;
+    parts.version = Version::HTTP_11;
+    let req = Request::from_parts(parts, RequestBody::new(body, snap.timeouts.request_body));
+
+    let result = tokio::time::timeout(snap.timeouts.upstream_response, ctx.rt.client.request(req)).await;
+    let mut resp = match result {
+        Err(_) => {
+            tracing::warn!(upstream = %up.uri, "upstream did not answer in time");
+            return short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
+        }
+        Ok(Err(e)) => {
+            let timed_out = is_timeout(&e);
+            tracing::warn!(upstream = %up.uri, error = %error_chain(&e), "upstream request failed");
+            return if timed_out {
+                short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+            } else {
+                short(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+            };
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        if let Some(down) = downstream_upgrade {
+            let up_upgrade = hyper::upgrade::on(&mut resp);
+            ctx.rt.tracker.spawn(async move {
+                match tokio::try_join!(down, up_upgrade) {
+                    Ok((d, u)) => {
+                        let mut d = TokioIo::new(d);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            });
+            let (mut parts, _) = resp.into_parts();
+            let proto = parts.headers.get(header::UPGRADE).cloned();
+            headers::strip_hop_by_hop(&mut parts.headers);
+            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            if let Some(p) = proto {
+                parts.headers.insert(header::UPGRADE, p);
+            }
+            return Response::from_parts(parts, ResponseBody::Empty);
+        }
+        return short(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked\n");
+    }
+
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::Upstream(body))
+}
+
+fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if err.to_string().contains("timed out") || err.to_string().contains("timeout") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}

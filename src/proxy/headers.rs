@@ -1,0 +1,232 @@
+//! Request checks and header rewriting between downstream and upstream.
+//! Hot path: no allocation unless a header must be built.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Version};
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy ones proxies drop.
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("keep-alive"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Why a request is refused before routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reject {
+    /// Missing, repeated or conflicting Host.
+    Host,
+    /// `Transfer-Encoding` repeated or not plain `chunked`.
+    TransferEncoding,
+    /// `Content-Length` and `Transfer-Encoding` together.
+    LengthAndEncoding,
+    /// CR, LF or NUL inside a header value (HTTP/2 request).
+    HeaderBytes,
+}
+
+impl Reject {
+    /// The short body sent with the 400.
+    pub fn message(self) -> &'static str {
+        match self {
+            Reject::Host => "bad request: exactly one valid Host header is required\n",
+            Reject::TransferEncoding => "bad request: unsupported or repeated Transfer-Encoding\n",
+            Reject::LengthAndEncoding => "bad request: Content-Length and Transfer-Encoding together\n",
+            Reject::HeaderBytes => "bad request: invalid characters in a header value\n",
+        }
+    }
+}
+
+/// Checks framing and Host; returns the host name (lower case untouched,
+/// port stripped) the request is for.
+pub fn check_request<B>(req: &Request<B>) -> Result<Option<&str>, Reject> {
+    let headers = req.headers();
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host_header = hosts.next();
+    if hosts.next().is_some() {
+        return Err(Reject::Host);
+    }
+    let mut tes = headers.get_all(header::TRANSFER_ENCODING).iter();
+    if let Some(te) = tes.next() {
+        if tes.next().is_some() || !te.as_bytes().trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return Err(Reject::TransferEncoding);
+        }
+        if headers.contains_key(header::CONTENT_LENGTH) {
+            return Err(Reject::LengthAndEncoding);
+        }
+    }
+    let authority = req.uri().authority().map(|a| a.as_str());
+    let host = match (host_header, req.version()) {
+        (Some(h), _) => {
+            let h = h.to_str().map_err(|_| Reject::Host)?;
+            if let Some(a) = authority {
+                // HTTP/2 :authority and Host must agree.
+                if !a.eq_ignore_ascii_case(h) {
+                    return Err(Reject::Host);
+                }
+            }
+            Some(h)
+        }
+        (None, Version::HTTP_2) => authority,
+        (None, Version::HTTP_11) => return Err(Reject::Host),
+        (None, _) => None,
+    };
+    if req.version() == Version::HTTP_2 {
+        for v in headers.values() {
+            if v.as_bytes().iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                return Err(Reject::HeaderBytes);
+            }
+        }
+    }
+    match host {
+        None => Ok(None),
+        Some(h) => {
+            let name = strip_port(h).ok_or(Reject::Host)?;
+            Ok(Some(name))
+        }
+    }
+}
+
+/// `example.com:8443` -> `example.com`; `[::1]:8443` -> `[::1]`. `None` when
+/// the value is not a plausible host.
+pub fn strip_port(h: &str) -> Option<&str> {
+    if h.is_empty() {
+        return None;
+    }
+    let name = if h.starts_with('[') {
+        let end = h.find(']')?;
+        let rest = &h[end + 1..];
+        if !(rest.is_empty() || rest.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        &h[..=end]
+    } else {
+        match h.rsplit_once(':') {
+            Some((name, port)) if is_port(port) => name,
+            Some(_) => return None,
+            None => h,
+        }
+    };
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_' | b'[' | b']' | b':'));
+    (ok && !name.is_empty()).then_some(name)
+}
+
+fn is_port(p: &str) -> bool {
+    !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Whether the request asks for a protocol upgrade (WebSocket over HTTP/1.1).
+pub fn is_upgrade<B>(req: &Request<B>) -> bool {
+    req.version() == Version::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && connection_has(req.headers(), "upgrade")
+}
+
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .collect();
+        for n in named {
+            headers.remove(n);
+        }
+    }
+    for h in &HOP_BY_HOP {
+        headers.remove(h);
+    }
+}
+
+/// Adds `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Via`.
+pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>, version: Version) {
+    let xff = HeaderName::from_static("x-forwarded-for");
+    let ip = client.to_string();
+    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
+        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
+        _ => ip,
+    };
+    if let Ok(v) = HeaderValue::try_from(value) {
+        headers.insert(xff, v);
+    }
+    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+    if let Some(h) = host {
+        headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+    }
+    let via = match version {
+        Version::HTTP_2 => "2 portcullis",
+        Version::HTTP_10 => "1.0 portcullis",
+        _ => "1.1 portcullis",
+    };
+    headers.append(header::VIA, HeaderValue::from_static(via));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_ports_and_rejects_junk() {
+        assert_eq!(strip_port("a.example.com:8443"), Some("a.example.com"));
+        assert_eq!(strip_port("a.example.com"), Some("a.example.com"));
+        assert_eq!(strip_port("[::1]:443"), Some("[::1]"));
+        assert_eq!(strip_port("a b"), None);
+        assert_eq!(strip_port("a:b"), None);
+        assert_eq!(strip_port(""), None);
+    }
+
+    #[test]
+    fn hop_by_hop_and_connection_named_headers_go() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn rejects_ambiguous_framing_and_hosts() {
+        let req = |f: &dyn Fn(http::request::Builder) -> http::request::Builder| f(Request::builder()).body(()).unwrap();
+        assert_eq!(check_request(&req(&|b| b)), Err(Reject::Host));
+        assert_eq!(
+            check_request(&req(&|b| b.header("host", "a").header("host", "b"))),
+            Err(Reject::Host)
+        );
+        assert_eq!(
+            check_request(&req(&|b| b.header("host", "a").header("transfer-encoding", "gzip, chunked"))),
+            Err(Reject::TransferEncoding)
+        );
+        assert_eq!(
+            check_request(&req(&|b| b
+                .header("host", "a")
+                .header("transfer-encoding", "chunked")
+                .header("content-length", "3"))),
+            Err(Reject::LengthAndEncoding)
+        );
+        assert_eq!(check_request(&req(&|b| b.header("host", "a.test:1"))), Ok(Some("a.test")));
+    }
+}

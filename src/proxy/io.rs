@@ -1,0 +1,370 @@
+//! The downstream connection's byte stream, wrapped for two jobs hyper does
+//! not do: a write timeout (a client that stops reading is cut off) and, on
+//! HTTP/1.1, a look at each raw request head for framing hyper resolves
+//! silently (`Content-Length` together with `Transfer-Encoding`: hyper drops
+//! the length, so the service could never see it).
+//!
+//! Hot path. The head scanner copies only request heads and chunk-size
+//! lines; body bytes are skipped by arithmetic.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Sleep;
+
+/// Per-connection facts shared between the byte stream and the service.
+#[derive(Debug)]
+pub struct ConnShared {
+    /// Index of the first request head with ambiguous framing, or `u64::MAX`.
+    pub first_bad_head: AtomicU64,
+    /// Requests handed to the service so far (h1 order matches head order).
+    pub requests: AtomicU64,
+    /// Requests whose response has not finished.
+    pub in_flight: AtomicU64,
+    /// Milliseconds (on the connection's clock) when the last request ended.
+    pub last_done_ms: AtomicU64,
+}
+
+impl Default for ConnShared {
+    fn default() -> Self {
+        ConnShared {
+            first_bad_head: AtomicU64::new(u64::MAX),
+            requests: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            last_done_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A stream with a write timeout and an optional HTTP/1 head scanner.
+pub struct ConnIo<S> {
+    inner: S,
+    write_timeout: Duration,
+    write_sleep: Option<Pin<Box<Sleep>>>,
+    scanner: Option<Box<HeadScanner>>,
+}
+
+impl<S> ConnIo<S> {
+    /// Wraps `inner`; `scan_h1` turns on the head scanner.
+    pub fn new(inner: S, write_timeout: Duration, scan_h1: Option<(Arc<ConnShared>, usize)>) -> Self {
+        ConnIo {
+            inner,
+            write_timeout,
+            write_sleep: None,
+            scanner: scan_h1.map(|(shared, max)| Box::new(HeadScanner::new(shared, max))),
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if let Some(scanner) = this.scanner.as_mut() {
+            let new = &buf.filled()[before..];
+            if !new.is_empty() {
+                scanner.feed(new);
+                if scanner.state == ScanState::Done {
+                    this.scanner = None;
+                }
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> ConnIo<S> {
+    /// Runs a write-side poll under the write timeout.
+    fn timed<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(Pin<&mut S>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        match f(Pin::new(&mut self.inner), cx) {
+            Poll::Ready(r) => {
+                self.write_sleep = None;
+                Poll::Ready(r)
+            }
+            Poll::Pending => {
+                let timeout = self.write_timeout;
+                let sleep = self
+                    .write_sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if sleep.as_mut().poll(cx).is_ready() {
+                    self.write_sleep = None;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "response write timed out (client not reading)",
+                    )));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().timed(cx, |s, cx| s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().timed(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().timed(cx, |s, cx| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+use std::future::Future;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ScanState {
+    /// Collecting a request head.
+    Head,
+    /// Skipping this many body bytes.
+    Body(u64),
+    /// Collecting a chunk-size line.
+    ChunkSize,
+    /// Skipping chunk data.
+    ChunkData(u64),
+    /// Skipping the CRLF after chunk data (bytes left).
+    ChunkEnd(u8),
+    /// Collecting trailer lines until an empty one.
+    Trailers,
+    /// Not HTTP/1 framing any more (upgrade, CONNECT, confusion): stop.
+    Done,
+}
+
+/// Follows HTTP/1.1 request framing just far enough to find each head.
+struct HeadScanner {
+    state: ScanState,
+    buf: Vec<u8>,
+    heads: u64,
+    shared: Arc<ConnShared>,
+    max_head: usize,
+}
+
+impl HeadScanner {
+    fn new(shared: Arc<ConnShared>, max_head: usize) -> Self {
+        HeadScanner {
+            state: ScanState::Head,
+            buf: Vec::new(),
+            heads: 0,
+            shared,
+            max_head,
+        }
+    }
+
+    fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            match self.state {
+                ScanState::Done => return,
+                ScanState::Head => {
+                    if self.buf.is_empty() {
+                        // Stray CRLFs between requests are allowed.
+                        let skip = data.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+                        data = &data[skip..];
+                        if data.is_empty() {
+                            return;
+                        }
+                    }
+                    let start = self.buf.len().saturating_sub(3);
+                    self.buf.extend_from_slice(data);
+                    match find(&self.buf[start..], b"\r\n\r\n") {
+                        Some(pos) => {
+                            let end = start + pos + 4;
+                            let rest_len = self.buf.len() - end;
+                            self.finish_head(end);
+                            // Continue with what followed the head in this read.
+                            let consumed = data.len() - rest_len;
+                            data = &data[consumed..];
+                            self.buf.clear();
+                        }
+                        None => {
+                            if self.buf.len() > self.max_head + 4 {
+                                self.state = ScanState::Done;
+                            }
+                            return;
+                        }
+                    }
+                }
+                ScanState::Body(n) => {
+                    let take = (data.len() as u64).min(n);
+                    data = &data[take as usize..];
+                    self.state = if n == take { ScanState::Head } else { ScanState::Body(n - take) };
+                }
+                ScanState::ChunkData(n) => {
+                    let take = (data.len() as u64).min(n);
+                    data = &data[take as usize..];
+                    self.state = if n == take { ScanState::ChunkEnd(2) } else { ScanState::ChunkData(n - take) };
+                }
+                ScanState::ChunkEnd(left) => {
+                    let take = (left as usize).min(data.len());
+                    data = &data[take..];
+                    let left = left - take as u8;
+                    self.state = if left == 0 { ScanState::ChunkSize } else { ScanState::ChunkEnd(left) };
+                }
+                ScanState::ChunkSize | ScanState::Trailers => {
+                    let Some(nl) = data.iter().position(|b| *b == b'\n') else {
+                        self.buf.extend_from_slice(data);
+                        if self.buf.len() > 4096 {
+                            self.state = ScanState::Done;
+                        }
+                        return;
+                    };
+                    self.buf.extend_from_slice(&data[..=nl]);
+                    data = &data[nl + 1..];
+                    let line = std::mem::take(&mut self.buf);
+                    let line = trim_crlf(&line);
+                    if self.state == ScanState::Trailers {
+                        if line.is_empty() {
+                            self.state = ScanState::Head;
+                        }
+                    } else {
+                        let hex = line.split(|b| *b == b';').next().unwrap_or(&[]);
+                        let hex = std::str::from_utf8(hex).unwrap_or("").trim();
+                        match u64::from_str_radix(hex, 16) {
+                            Ok(0) => self.state = ScanState::Trailers,
+                            Ok(n) => self.state = ScanState::ChunkData(n),
+                            Err(_) => self.state = ScanState::Done,
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish_head(&mut self, end: usize) {
+        let index = self.heads;
+        self.heads += 1;
+        let mut headers = [httparse::EMPTY_HEADER; 128];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&self.buf[..end]) {
+            Ok(httparse::Status::Complete(_)) => {}
+            _ => {
+                // hyper will reject it on its own.
+                self.state = ScanState::Done;
+                return;
+            }
+        }
+        let mut cl = false;
+        let mut te = false;
+        let mut chunked = false;
+        let mut len = None;
+        let mut upgrade = false;
+        for h in req.headers.iter() {
+            if h.name.eq_ignore_ascii_case("content-length") {
+                cl = true;
+                len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+            } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+                te = true;
+                chunked = h
+                    .value
+                    .rsplit(|b| *b == b',')
+                    .next()
+                    .is_some_and(|v| trim(v).eq_ignore_ascii_case(b"chunked"));
+            } else if h.name.eq_ignore_ascii_case("upgrade") {
+                upgrade = true;
+            }
+        }
+        if cl && te {
+            let _ = self
+                .shared
+                .first_bad_head
+                .compare_exchange(u64::MAX, index, Ordering::AcqRel, Ordering::Acquire);
+            // The connection is closed after the 400; nothing more to follow.
+            self.state = ScanState::Done;
+            return;
+        }
+        if upgrade || req.method == Some("CONNECT") {
+            self.state = ScanState::Done;
+        } else if te {
+            self.state = if chunked { ScanState::ChunkSize } else { ScanState::Done };
+        } else if cl {
+            self.state = match len {
+                Some(0) => ScanState::Head,
+                Some(n) => ScanState::Body(n),
+                None => ScanState::Done,
+            };
+        } else {
+            self.state = ScanState::Head;
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn trim_crlf(line: &[u8]) -> &[u8] {
+    let line = line.strip_suffix(b"\n").unwrap_or(line);
+    line.strip_suffix(b"\r").unwrap_or(line)
+}
+
+fn trim(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
+    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &v[start..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scan(chunks: &[&[u8]]) -> (u64, u64) {
+        let shared = Arc::new(ConnShared::default());
+        let mut s = HeadScanner::new(shared.clone(), 65536);
+        for c in chunks {
+            s.feed(c);
+        }
+        (s.heads, shared.first_bad_head.load(Ordering::Acquire))
+    }
+
+    #[test]
+    fn follows_content_length_and_chunked_bodies() {
+        let reqs: &[&[u8]] = &[
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nT: 1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+        ];
+        let all: Vec<u8> = reqs.concat();
+        // Byte by byte and all at once must agree.
+        let bytes: Vec<&[u8]> = all.chunks(1).collect();
+        assert_eq!(scan(&bytes), (3, u64::MAX));
+        assert_eq!(scan(&[&all]), (3, u64::MAX));
+    }
+
+    #[test]
+    fn flags_content_length_with_transfer_encoding() {
+        let (_, bad) = scan(&[
+            b"GET / HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ]);
+        assert_eq!(bad, 1);
+    }
+}

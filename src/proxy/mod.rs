@@ -1,0 +1,292 @@
+//! Listeners, TLS accept, the hyper server (HTTP/1.1 + HTTP/2), routing and
+//! forwarding to upstreams.
+//!
+//! Hot path. A connection reads the runtime snapshot once per request
+//! (`rt.snapshot.load()`); nothing on this path takes a lock. The control
+//! path publishes a new [`Snapshot`] to change routes, timeouts or limits.
+
+mod body;
+mod handler;
+pub mod headers;
+pub mod io;
+pub mod redirect;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ServerConfig;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use body::{BoxError, RequestBody, ResponseBody, TrackedBody};
+use io::{ConnIo, ConnShared};
+
+use crate::certstore::CertStore;
+use crate::config::{Config, Limits, RouteAction, Timeouts};
+use crate::hostmap::HostMap;
+
+/// One site's routes, longest prefix first.
+#[derive(Debug)]
+pub struct Site {
+    /// The site's name (log and metric label).
+    pub name: Arc<str>,
+    /// Routes in match order.
+    pub routes: Vec<Route>,
+}
+
+/// One route.
+#[derive(Debug)]
+pub struct Route {
+    /// Path prefix.
+    pub prefix: String,
+    /// What it does.
+    pub action: RouteAction,
+}
+
+impl Site {
+    /// The first route whose prefix matches `path` on a segment boundary.
+    pub fn route(&self, path: &str) -> Option<&Route> {
+        self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
+    }
+}
+
+/// `/api` matches `/api`, `/api/`, `/api/x`, not `/apix`; `/api/` matches `/api/x`.
+pub fn prefix_matches(prefix: &str, path: &str) -> bool {
+    path.starts_with(prefix)
+        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+}
+
+/// Everything a request needs that a config reload may change, swapped as one.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Host -> site.
+    pub sites: HostMap<Arc<Site>>,
+    /// Timeouts.
+    pub timeouts: Timeouts,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl Snapshot {
+    /// Builds the routing snapshot of a validated config.
+    pub fn from_config(config: &Config) -> Snapshot {
+        let mut sites = HostMap::default();
+        for s in &config.sites {
+            let site = Arc::new(Site {
+                name: s.name.as_str().into(),
+                routes: s
+                    .routes
+                    .iter()
+                    .map(|r| Route {
+                        prefix: r.path.clone(),
+                        action: r.action.clone(),
+                    })
+                    .collect(),
+            });
+            for h in &s.hosts {
+                sites.insert(h, site.clone());
+            }
+            if s.default {
+                sites.set_default(site.clone());
+            }
+        }
+        Snapshot {
+            sites,
+            timeouts: config.timeouts.clone(),
+            limits: config.limits.clone(),
+        }
+    }
+}
+
+/// Upstream HTTP client with a keep-alive pool.
+pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+
+/// State shared by every listener and connection.
+pub struct Runtime {
+    /// Routes, timeouts and limits; replaced whole on config reload.
+    pub snapshot: ArcSwap<Snapshot>,
+    /// Certificates in service.
+    pub certs: Arc<CertStore>,
+    /// The process's one TLS config.
+    pub tls: Arc<ServerConfig>,
+    /// Pooled upstream client.
+    pub client: UpstreamClient,
+    /// Caps concurrent downstream connections.
+    pub conn_limit: Arc<Semaphore>,
+    /// Every connection task, so shutdown can wait for them.
+    pub tracker: TaskTracker,
+    /// Cancelled to start a graceful shutdown of every connection.
+    pub shutdown: CancellationToken,
+    /// Start of the process clock used for idle tracking.
+    pub epoch: Instant,
+}
+
+impl Runtime {
+    /// Builds the runtime around loaded certificates.
+    pub fn new(config: &Config, certs: Arc<CertStore>, shutdown: CancellationToken) -> Result<Arc<Runtime>, rustls::Error> {
+        let tls = tls::server_config(certs.clone())?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(config.timeouts.upstream_connect));
+        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_timer(TokioTimer::new())
+            .timer(TokioTimer::new())
+            .pool_idle_timeout(config.timeouts.upstream_idle)
+            .pool_max_idle_per_host(config.limits.max_upstream_idle_per_host)
+            .set_host(false)
+            .build(connector);
+        Ok(Arc::new(Runtime {
+            snapshot: ArcSwap::from_pointee(Snapshot::from_config(config)),
+            certs,
+            tls,
+            client,
+            conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
+            tracker: TaskTracker::new(),
+            shutdown,
+            epoch: Instant::now(),
+        }))
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+}
+
+/// Accepts TLS connections on `listener` until `stop` is cancelled.
+pub async fn serve_https(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationToken) {
+    let local = listener.local_addr().ok();
+    loop {
+        let permit = tokio::select! {
+            _ = stop.cancelled() => break,
+            p = rt.conn_limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let rt2 = rt.clone();
+        rt.tracker.spawn(async move {
+            let _permit = permit;
+            serve_tls_conn(tcp, peer, rt2).await;
+        });
+    }
+    tracing::debug!(addr = ?local, "listener closed");
+}
+
+async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
+    let _ = tcp.set_nodelay(true);
+    let snap = rt.snapshot.load_full();
+    let stream = match tls::accept(tcp, &rt.tls, &rt.certs, snap.timeouts.tls_handshake).await {
+        Ok(s) => s,
+        Err(reason) => {
+            tracing::debug!(%peer, reason = reason.as_str(), "TLS handshake failed");
+            return;
+        }
+    };
+    let is_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+    let sni: Option<Arc<str>> = stream.get_ref().1.server_name().map(Into::into);
+    let shared = Arc::new(ConnShared::default());
+    shared.last_done_ms.store(rt.now_ms(), Ordering::Release);
+    let shared_for_idle = shared.clone();
+    let io = ConnIo::new(
+        stream,
+        snap.timeouts.response_write,
+        (!is_h2).then(|| (shared.clone(), snap.limits.max_header_bytes)),
+    );
+    let ctx = Arc::new(handler::ConnCtx {
+        rt: rt.clone(),
+        peer,
+        shared,
+        sni,
+    });
+    let svc = service_fn(move |req: hyper::Request<Incoming>| handler::handle(ctx.clone(), req));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(snap.timeouts.request_header)
+        .max_buf_size(snap.limits.max_header_bytes.max(8192))
+        .max_headers(snap.limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(snap.limits.max_header_bytes as u32)
+        .max_concurrent_streams(256)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = if is_h2 {
+        builder.http2_only()
+    } else {
+        builder.http1_only()
+    };
+    let conn = conn.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    let conn = std::pin::pin!(conn);
+    drive(conn, |c| c.graceful_shutdown(), &rt, &shared_for_idle, snap.timeouts.idle).await;
+}
+
+/// Runs a connection until it ends, closing it when it has been idle too
+/// long or when shutdown starts (in-flight requests then finish first).
+pub(crate) async fn drive<F, E>(
+    mut conn: Pin<&mut F>,
+    graceful: fn(Pin<&mut F>),
+    rt: &Runtime,
+    shared: &ConnShared,
+    idle: Duration,
+) where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut closing = false;
+    loop {
+        let last = shared.last_done_ms.load(Ordering::Acquire);
+        let idle_at = rt.epoch + Duration::from_millis(last) + idle;
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            _ = rt.shutdown.cancelled(), if !closing => {
+                closing = true;
+                graceful(conn.as_mut());
+            }
+            _ = tokio::time::sleep_until(idle_at.into()), if !closing => {
+                let quiet = shared.in_flight.load(Ordering::Acquire) == 0
+                    && shared.last_done_ms.load(Ordering::Acquire) == last;
+                if quiet {
+                    closing = true;
+                    graceful(conn.as_mut());
+                } else if shared.in_flight.load(Ordering::Acquire) > 0 {
+                    // Busy: look again one idle period after it ends.
+                    shared.last_done_ms.store(rt.now_ms(), Ordering::Release);
+                }
+            }
+        }
+    }
+}
+
