@@ -1,0 +1,383 @@
+//! Shared test harness: an rcgen PKI built at run time, real hyper
+//! upstreams on 127.0.0.1:0, the real proxy on 127.0.0.1:0, and a real
+//! rustls client.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::client::TlsStream;
+use tokio_util::sync::CancellationToken;
+
+/// Key algorithm for a test leaf.
+#[derive(Clone, Copy, Debug)]
+pub enum Alg {
+    Ecdsa,
+    Rsa,
+}
+
+/// A root CA and an intermediate, both made by rcgen in memory.
+pub struct Pki {
+    pub root_der: CertificateDer<'static>,
+    pub root_pem: String,
+    root: Issuer<'static, KeyPair>,
+    pub inter_der: CertificateDer<'static>,
+    pub inter_pem: String,
+    inter: Issuer<'static, KeyPair>,
+}
+
+/// A leaf certificate: the PEM chain (leaf + intermediate) and key.
+pub struct Leaf {
+    pub chain_pem: String,
+    pub key_pem: String,
+    pub leaf_der: CertificateDer<'static>,
+    /// Serial as lower-case hex (as the proxy reports it).
+    pub serial: String,
+    pub not_after: time::OffsetDateTime,
+}
+
+fn ca_params(cn: &str) -> CertificateParams {
+    let mut p = CertificateParams::default();
+    p.distinguished_name.push(DnType::CommonName, cn);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now - time::Duration::days(1);
+    p.not_after = now + time::Duration::days(3650);
+    p
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params("portcullis test root");
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = Issuer::new(root_params, root_key);
+        let inter_key = KeyPair::generate().unwrap();
+        let mut inter_params = ca_params("portcullis test intermediate");
+        inter_params.use_authority_key_identifier_extension = true;
+        let inter_cert = inter_params.signed_by(&inter_key, &root).unwrap();
+        let inter = Issuer::new(inter_params, inter_key);
+        Pki {
+            root_der: root_cert.der().clone(),
+            root_pem: root_cert.pem(),
+            root,
+            inter_der: inter_cert.der().clone(),
+            inter_pem: inter_cert.pem(),
+            inter,
+        }
+    }
+
+    /// A leaf for `names`, valid from yesterday for `days` days.
+    pub fn leaf(&self, names: &[&str], alg: Alg) -> Leaf {
+        let now = time::OffsetDateTime::now_utc();
+        self.leaf_with_dates(names, alg, now - time::Duration::days(1), now + time::Duration::days(90))
+    }
+
+    /// A leaf with explicit validity dates.
+    pub fn leaf_with_dates(
+        &self,
+        names: &[&str],
+        alg: Alg,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Leaf {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut p = CertificateParams::new(names.clone()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, names[0].clone());
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = not_before;
+        p.not_after = not_after;
+        let serial: [u8; 8] = rand_bytes();
+        let mut serial = serial.to_vec();
+        serial[0] &= 0x7f;
+        serial[0] |= 0x10;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let key = match alg {
+            Alg::Ecdsa => KeyPair::generate().unwrap(),
+            Alg::Rsa => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap(),
+        };
+        let cert = p.signed_by(&key, &self.inter).unwrap();
+        Leaf {
+            chain_pem: format!("{}{}", cert.pem(), self.inter_pem),
+            key_pem: key.serialize_pem(),
+            leaf_der: cert.der().clone(),
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+            not_after,
+        }
+    }
+
+    /// A client config trusting the test root, offering `alpn`.
+    pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.root_der.clone()).unwrap();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+        Arc::new(cfg)
+    }
+}
+
+fn rand_bytes<const N: usize>() -> [u8; N] {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = [0u8; N];
+    for chunk in out.chunks_mut(8) {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        let v = h.finish().to_le_bytes();
+        chunk.copy_from_slice(&v[..chunk.len()]);
+    }
+    out
+}
+
+impl Leaf {
+    /// Writes `cert.pem` and `key.pem` into `dir` with a prefix; returns the paths.
+    pub fn write(&self, dir: &Path, prefix: &str) -> (PathBuf, PathBuf) {
+        let c = dir.join(format!("{prefix}cert.pem"));
+        let k = dir.join(format!("{prefix}key.pem"));
+        std::fs::write(&c, &self.chain_pem).unwrap();
+        std::fs::write(&k, &self.key_pem).unwrap();
+        (c, k)
+    }
+}
+
+/// Re-encodes a PKCS#8 key as PKCS#1 (RSA) or SEC1 (EC) with openssl.
+pub fn traditional_key(pkcs8_pem: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.pem");
+    std::fs::write(&input, pkcs8_pem).unwrap();
+    let out = std::process::Command::new("openssl")
+        .args(["pkey", "-traditional", "-in"])
+        .arg(&input)
+        .output()
+        .expect("openssl is installed");
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// What the echo upstream saw.
+pub type Seen = BTreeMap<String, String>;
+
+/// Starts a hyper HTTP/1.1 upstream on 127.0.0.1:0 running `f` per request.
+pub async fn upstream<F, Fut>(f: F) -> (SocketAddr, CancellationToken)
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = CancellationToken::new();
+    let stop2 = stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = tokio::select! {
+                _ = stop2.cancelled() => return,
+                r = listener.accept() => r.unwrap(),
+            };
+            let f = f.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let f = f.clone();
+                    async move { Ok::<_, Infallible>(f(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, stop)
+}
+
+/// Boxes a fixed body.
+pub fn full(b: impl Into<Bytes>) -> http_body_util::combinators::BoxBody<Bytes, Infallible> {
+    Full::new(b.into()).boxed()
+}
+
+/// An upstream that answers with a JSON object of the request line and
+/// headers it received (`:method`, `:path`, `:version`, then each header;
+/// repeated headers joined with `, `).
+pub async fn echo_upstream() -> (SocketAddr, CancellationToken) {
+    upstream(|req: Request<Incoming>| async move {
+        let mut seen = Seen::new();
+        seen.insert(":method".into(), req.method().to_string());
+        seen.insert(":path".into(), req.uri().to_string());
+        seen.insert(":version".into(), format!("{:?}", req.version()));
+        for (k, v) in req.headers() {
+            let v = String::from_utf8_lossy(v.as_bytes()).to_string();
+            seen.entry(k.to_string())
+                .and_modify(|e| {
+                    e.push_str(", ");
+                    e.push_str(&v);
+                })
+                .or_insert(v);
+        }
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        seen.insert(":body-len".into(), body.len().to_string());
+        Response::new(full(serde_json::to_vec(&seen).unwrap()))
+    })
+    .await
+}
+
+/// A running proxy.
+pub struct Proxy {
+    pub https: SocketAddr,
+    pub http: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub shutdown: CancellationToken,
+    pub done: tokio::task::JoinHandle<Result<(), portcullis::Error>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Proxy {
+    /// Starts the proxy in this process from TOML text. Every
+    /// `listen = "127.0.0.1:0"` is bound to a free port. The text is written
+    /// to `portcullis.toml` in a fresh directory, so relative paths (and
+    /// error messages) refer to it.
+    pub async fn start(toml: &str) -> Proxy {
+        let dir = tempfile::tempdir().unwrap();
+        Proxy::start_in(dir, toml).await
+    }
+
+    /// Like [`Proxy::start`] in a directory the test already filled.
+    pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> Proxy {
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, toml).unwrap();
+        let config = portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        let shutdown = CancellationToken::new();
+        let server = portcullis::Server::bind(config, shutdown.clone()).await.unwrap();
+        let https = server.https_addrs()[0];
+        let http = server.http_addrs().first().copied();
+        let admin = server.admin_addr();
+        let done = tokio::spawn(server.run());
+        Proxy {
+            https,
+            http,
+            admin,
+            shutdown,
+            done,
+            dir,
+        }
+    }
+
+    /// Writes a file next to the config.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, contents).unwrap();
+        p
+    }
+}
+
+/// A TLS connection to `addr` with `sni`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+}
+
+/// The leaf certificate the server presented.
+pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
+    stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+}
+
+/// Serial (lower-case hex) of a DER certificate.
+pub fn serial_of(der: &CertificateDer<'_>) -> String {
+    let (_, c) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+    c.raw_serial_as_string().replace(':', "")
+}
+
+/// A simple response: status, headers, body.
+#[derive(Debug)]
+pub struct Got {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Got {
+    /// The echo upstream's JSON.
+    pub fn seen(&self) -> Seen {
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
+    }
+}
+
+/// Sends one request over a fresh TLS connection with ALPN `h2` or `http/1.1`.
+pub async fn request(
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    req: Request<Full<Bytes>>,
+) -> Result<Got, Box<dyn std::error::Error + Send + Sync>> {
+    let tls = tls_connect(addr, sni, cfg).await?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(tls);
+    let resp = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await?
+    };
+    let status = resp.status().as_u16();
+    let version = resp.version();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(Got {
+        status,
+        headers,
+        body,
+        version,
+    })
+}
+
+/// `GET https://{host}{path}` (Host = host) over a fresh connection.
+pub async fn get(addr: SocketAddr, host: &str, path: &str, cfg: Arc<rustls::ClientConfig>) -> Got {
+    let h2 = cfg.alpn_protocols.first().map(|p| p.as_slice()) == Some(b"h2");
+    let mut b = Request::builder().uri(format!("https://{host}{path}"));
+    if !h2 {
+        b = b.header("host", host);
+    }
+    request(addr, host, cfg, b.body(Full::new(Bytes::new())).unwrap())
+        .await
+        .unwrap_or_else(|e| panic!("GET https://{host}{path}: {e}"))
+}
+
+/// Polls `f` every 10 ms until it returns true or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f()
+}
