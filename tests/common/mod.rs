@@ -56,7 +56,11 @@ fn ca_params(cn: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::days(1);
     p.not_after = now + time::Duration::days(3650);
@@ -87,7 +91,12 @@ impl Pki {
     /// A leaf for `names`, valid from yesterday for `days` days.
     pub fn leaf(&self, names: &[&str], alg: Alg) -> Leaf {
         let now = time::OffsetDateTime::now_utc();
-        self.leaf_with_dates(names, alg, now - time::Duration::days(1), now + time::Duration::days(90))
+        self.leaf_with_dates(
+            names,
+            alg,
+            now - time::Duration::days(1),
+            now + time::Duration::days(90),
+        )
     }
 
     /// A leaf with explicit validity dates.
@@ -100,7 +109,8 @@ impl Pki {
     ) -> Leaf {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(names.clone()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0].clone());
+        p.distinguished_name
+            .push(DnType::CommonName, names[0].clone());
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.use_authority_key_identifier_extension = true;
         p.not_before = not_before;
@@ -112,7 +122,10 @@ impl Pki {
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let key = match alg {
             Alg::Ecdsa => KeyPair::generate().unwrap(),
-            Alg::Rsa => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap(),
+            Alg::Rsa => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                    .unwrap()
+            }
         };
         let cert = p.signed_by(&key, &self.inter).unwrap();
         Leaf {
@@ -128,11 +141,13 @@ impl Pki {
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.root_der.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Arc::new(cfg)
     }
@@ -143,7 +158,12 @@ fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     for chunk in out.chunks_mut(8) {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        h.write_u64(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        );
         let v = h.finish().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
@@ -171,7 +191,11 @@ pub fn traditional_key(pkcs8_pem: &str) -> String {
         .arg(&input)
         .output()
         .expect("openssl is installed");
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -182,7 +206,9 @@ pub type Seen = BTreeMap<String, String>;
 pub async fn upstream<F, Fut>(f: F) -> (SocketAddr, CancellationToken)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>> + Send + 'static,
+    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>>
+        + Send
+        + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -233,7 +259,12 @@ pub async fn echo_upstream() -> (SocketAddr, CancellationToken) {
                 })
                 .or_insert(v);
         }
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         seen.insert(":body-len".into(), body.len().to_string());
         Response::new(full(serde_json::to_vec(&seen).unwrap()))
     })
@@ -264,9 +295,12 @@ impl Proxy {
     pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> Proxy {
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, toml).unwrap();
-        let config = portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        let config =
+            portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
         let shutdown = CancellationToken::new();
-        let server = portcullis::Server::bind(config, shutdown.clone()).await.unwrap();
+        let server = portcullis::Server::bind(config, shutdown.clone())
+            .await
+            .unwrap();
         let https = server.https_addrs()[0];
         let http = server.http_addrs().first().copied();
         let admin = server.admin_addr();
@@ -297,12 +331,16 @@ pub async fn tls_connect(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 /// The leaf certificate the server presented.
 pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 /// Serial (lower-case hex) of a DER certificate.
@@ -323,7 +361,8 @@ pub struct Got {
 impl Got {
     /// The echo upstream's JSON.
     pub fn seen(&self) -> Seen {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
     }
 }
 
@@ -338,7 +377,8 @@ pub async fn request(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
     let resp = if h2 {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         send.send_request(req).await?
     } else {
@@ -380,4 +420,162 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     f()
+}
+
+/// The real `portcullis` binary running `run --config F` as a child process,
+/// killed when dropped (also when a test panics).
+pub struct BinProxy {
+    pub child: std::process::Child,
+    /// The HTTPS address parsed from its `listening protocol="https"` log line.
+    pub https: SocketAddr,
+    /// Every stderr line so far (drained by a thread so the pipe never fills).
+    pub log: Arc<std::sync::Mutex<Vec<String>>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl BinProxy {
+    /// Writes `toml` to `portcullis.toml` in `dir` and starts the binary;
+    /// returns once it logs its HTTPS address (at most 60 s).
+    pub fn start_in(dir: tempfile::TempDir, toml: &str) -> BinProxy {
+        use std::io::BufRead;
+        let path = dir.path().join("portcullis.toml");
+        std::fs::write(&path, toml).unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .arg("run")
+            .arg("--config")
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("portcullis binary starts");
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("listening") && line.contains("protocol=\"https\"") {
+                    let addr = line
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("addr="))
+                        .and_then(|a| a.trim_matches('"').parse::<SocketAddr>().ok());
+                    if let (Some(addr), Some(tx)) = (addr, tx.take()) {
+                        let _ = tx.send(addr);
+                    }
+                }
+                log2.lock().unwrap().push(line);
+            }
+        });
+        let mut proxy = BinProxy {
+            child,
+            https: "127.0.0.1:0".parse().unwrap(),
+            log,
+            dir,
+        };
+        match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(addr) => proxy.https = addr,
+            Err(_) => panic!(
+                "portcullis did not log its https address; stderr:\n{}",
+                proxy.log_text()
+            ),
+        }
+        proxy
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Peak resident set size (`VmHWM`) of the child, in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("no VmHWM in /proc/{}/status", self.pid()));
+        kb * 1024
+    }
+
+    /// Sends `signal` (e.g. "TERM") with the `kill` command.
+    pub fn signal(&self, signal: &str) {
+        let ok = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{signal} {} failed", self.pid());
+    }
+
+    /// Waits up to `limit` for the child to exit.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The stderr lines so far, joined.
+    pub fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+}
+
+impl Drop for BinProxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sends `req` (any body, e.g. a stream) over a fresh TLS connection with
+/// ALPN from `cfg` and returns the response with its body unread. For h1 the
+/// request should carry a Host header; for h2 an absolute URI.
+pub async fn send<B>(
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    req: Request<B>,
+) -> Result<Response<Incoming>, Box<dyn std::error::Error + Send + Sync>>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tls = tls_connect(addr, sni, cfg).await?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(tls);
+    if h2 {
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        Ok(send.send_request(req).await?)
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        Ok(send.send_request(req).await?)
+    }
+}
+
+/// A request builder for `https://{host}{path}` that suits both h1 (Host
+/// header) and h2 (absolute URI; hyper turns it into `:authority`).
+pub fn req_builder(alpn: &[u8], host: &str, path: &str) -> http::request::Builder {
+    if alpn == b"h2" {
+        Request::builder().uri(format!("https://{host}{path}"))
+    } else {
+        Request::builder().uri(path).header("host", host)
+    }
 }
