@@ -56,11 +56,7 @@ fn ca_params(cn: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::days(1);
     p.not_after = now + time::Duration::days(3650);
@@ -91,12 +87,7 @@ impl Pki {
     /// A leaf for `names`, valid from yesterday for `days` days.
     pub fn leaf(&self, names: &[&str], alg: Alg) -> Leaf {
         let now = time::OffsetDateTime::now_utc();
-        self.leaf_with_dates(
-            names,
-            alg,
-            now - time::Duration::days(1),
-            now + time::Duration::days(90),
-        )
+        self.leaf_with_dates(names, alg, now - time::Duration::days(1), now + time::Duration::days(90))
     }
 
     /// A leaf with explicit validity dates.
@@ -109,8 +100,7 @@ impl Pki {
     ) -> Leaf {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(names.clone()).unwrap();
-        p.distinguished_name
-            .push(DnType::CommonName, names[0].clone());
+        p.distinguished_name.push(DnType::CommonName, names[0].clone());
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.use_authority_key_identifier_extension = true;
         p.not_before = not_before;
@@ -122,10 +112,7 @@ impl Pki {
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let key = match alg {
             Alg::Ecdsa => KeyPair::generate().unwrap(),
-            Alg::Rsa => {
-                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
-                    .unwrap()
-            }
+            Alg::Rsa => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap(),
         };
         let cert = p.signed_by(&key, &self.inter).unwrap();
         Leaf {
@@ -141,13 +128,11 @@ impl Pki {
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.root_der.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Arc::new(cfg)
     }
@@ -158,12 +143,7 @@ fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     for chunk in out.chunks_mut(8) {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64,
-        );
+        h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
         let v = h.finish().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
@@ -191,11 +171,7 @@ pub fn traditional_key(pkcs8_pem: &str) -> String {
         .arg(&input)
         .output()
         .expect("openssl is installed");
-    assert!(
-        out.status.success(),
-        "openssl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -206,9 +182,7 @@ pub type Seen = BTreeMap<String, String>;
 pub async fn upstream<F, Fut>(f: F) -> (SocketAddr, CancellationToken)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>>
-        + Send
-        + 'static,
+    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>> + Send + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -259,12 +233,7 @@ pub async fn echo_upstream() -> (SocketAddr, CancellationToken) {
                 })
                 .or_insert(v);
         }
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
+        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
         seen.insert(":body-len".into(), body.len().to_string());
         Response::new(full(serde_json::to_vec(&seen).unwrap()))
     })
@@ -295,12 +264,9 @@ impl Proxy {
     pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> Proxy {
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, toml).unwrap();
-        let config =
-            portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        let config = portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
         let shutdown = CancellationToken::new();
-        let server = portcullis::Server::bind(config, shutdown.clone())
-            .await
-            .unwrap();
+        let server = portcullis::Server::bind(config, shutdown.clone()).await.unwrap();
         let https = server.https_addrs()[0];
         let http = server.http_addrs().first().copied();
         let admin = server.admin_addr();
@@ -331,16 +297,12 @@ pub async fn tls_connect(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(cfg)
-        .connect(name, tcp)
-        .await
+    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
 }
 
 /// The leaf certificate the server presented.
 pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    stream.get_ref().1.peer_certificates().unwrap()[0]
-        .clone()
-        .into_owned()
+    stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
 }
 
 /// Serial (lower-case hex) of a DER certificate.
@@ -361,8 +323,7 @@ pub struct Got {
 impl Got {
     /// The echo upstream's JSON.
     pub fn seen(&self) -> Seen {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
+        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
     }
 }
 
@@ -377,8 +338,7 @@ pub async fn request(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
     let resp = if h2 {
-        let (mut send, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         send.send_request(req).await?
     } else {
