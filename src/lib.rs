@@ -11,7 +11,9 @@
 //! - [`proxy`]: listeners, TLS accept, the hyper server, routing, the
 //!   upstream client, header rules, the plain-HTTP redirect. Hot path: reads
 //!   snapshots, takes no lock.
-//! - [`admin`]: the admin listener (health and readiness).
+//! - [`control`]: config reload and listener management of a running server.
+//! - [`admin`]: the admin listener (health, readiness, metrics, inventory, reload).
+//! - [`metrics`]: the Prometheus registry and the certificate expiry series.
 //! - [`shutdown`]: signals.
 //! - [`hostmap`]: exact / wildcard / default name lookup shared by SNI and
 //!   routing.
@@ -26,8 +28,10 @@ pub mod acme;
 pub mod admin;
 pub mod certstore;
 pub mod config;
+pub mod control;
 pub mod fsutil;
 pub mod hostmap;
+pub mod metrics;
 pub mod proxy;
 pub mod shutdown;
 
@@ -66,13 +70,14 @@ pub enum Error {
 
 /// A bound, ready-to-run server.
 pub struct Server {
-    config: Config,
-    rt: Arc<proxy::Runtime>,
-    listeners: Vec<(ListenerProtocol, TcpListener)>,
+    control: Arc<control::Control>,
+    listeners: Vec<(config::ListenerConfig, TcpListener)>,
     admin: Option<TcpListener>,
     admin_state: Arc<admin::AdminState>,
     ca: Option<Arc<InternalCa>>,
     shutdown: CancellationToken,
+    grace: std::time::Duration,
+    poll_interval: std::time::Duration,
 }
 
 impl Server {
@@ -86,24 +91,28 @@ impl Server {
             None
         };
         let certs = Arc::new(CertStore::load(&config, ca.as_deref()).map_err(Error::Certs)?);
-        let rt = proxy::Runtime::new(&config, certs, shutdown.clone())?;
+        let metrics = Arc::new(metrics::Metrics::new());
+        let rt = proxy::Runtime::new(&config, certs, metrics.clone(), shutdown.clone())?;
         let mut listeners = Vec::new();
         for l in &config.listeners {
-            let sock = bind(l.addr)?;
-            listeners.push((l.protocol, sock));
+            listeners.push((l.clone(), bind(l.addr)?));
         }
         let admin = match config.admin {
             Some(a) => Some(bind(a)?),
             None => None,
         };
+        let grace = config.timeouts.shutdown_grace;
+        let poll_interval = config.cert_poll_interval;
+        let control = Arc::new(control::Control::new(config, rt, ca.clone()));
         Ok(Server {
-            config,
-            rt,
+            admin_state: Arc::new(admin::AdminState::new(control.clone(), metrics)),
+            control,
             listeners,
             admin,
-            admin_state: Arc::new(admin::AdminState::default()),
             ca,
             shutdown,
+            grace,
+            poll_interval,
         })
     }
 
@@ -120,7 +129,7 @@ impl Server {
     fn addrs(&self, f: impl Fn(ListenerProtocol) -> bool) -> Vec<SocketAddr> {
         self.listeners
             .iter()
-            .filter(|(p, _)| f(*p))
+            .filter(|(c, _)| f(c.protocol))
             .filter_map(|(_, l)| l.local_addr().ok())
             .collect()
     }
@@ -137,50 +146,56 @@ impl Server {
 
     /// The certificates in service.
     pub fn certs(&self) -> Arc<CertStore> {
-        self.rt.certs.clone()
+        self.control.certs().clone()
+    }
+
+    /// The control plane (reload, listeners).
+    pub fn control(&self) -> Arc<control::Control> {
+        self.control.clone()
     }
 
     /// Serves until the shutdown token is cancelled, then stops accepting,
     /// lets in-flight requests finish for up to the grace period, and returns.
     pub async fn run(self) -> Result<(), Error> {
-        let stop = CancellationToken::new();
-        for (protocol, listener) in self.listeners {
-            let addr = listener.local_addr().ok();
-            let (rt, stop) = (self.rt.clone(), stop.clone());
-            match protocol {
-                ListenerProtocol::Https => {
-                    tracing::info!(protocol = "https", addr = %fmt_addr(addr), "listening");
-                    tokio::spawn(proxy::serve_https(listener, rt, stop));
-                }
-                ListenerProtocol::Http { https_port } => {
-                    tracing::info!(protocol = "http", addr = %fmt_addr(addr), "listening");
-                    tokio::spawn(proxy::redirect::serve_http(listener, rt, https_port, stop));
-                }
-            }
+        let control = self.control.clone();
+        let rt = control.runtime().clone();
+        for (cfg, listener) in self.listeners {
+            control.open(cfg, listener).await;
         }
+        let admin_stop = CancellationToken::new();
         if let Some(admin) = self.admin {
             tracing::info!(protocol = "admin", addr = %fmt_addr(admin.local_addr().ok()), "listening");
-            tokio::spawn(admin::serve(admin, self.admin_state.clone(), stop.clone()));
+            tokio::spawn(admin::serve(admin, self.admin_state.clone(), admin_stop.clone()));
         }
+        let background = CancellationToken::new();
         if let Some(ca) = &self.ca {
-            certstore::internal::spawn_renewer(self.rt.certs.clone(), ca.clone(), stop.clone());
+            certstore::internal::spawn_renewer(rt.certs.clone(), ca.clone(), background.clone());
         }
+        certstore::watch::spawn_watcher(
+            rt.certs.clone(),
+            control.watch_refresh.clone(),
+            self.poll_interval,
+            background.clone(),
+        );
+        shutdown::on_reload_signal(control.clone(), background.clone());
         self.admin_state.ready.store(true, Ordering::Release);
 
         self.shutdown.cancelled().await;
         self.admin_state.ready.store(false, Ordering::Release);
-        stop.cancel();
-        self.rt.tracker.close();
-        let grace = self.config.timeouts.shutdown_grace;
-        if tokio::time::timeout(grace, self.rt.tracker.wait()).await.is_err() {
+        control.close_all();
+        background.cancel();
+        rt.tracker.close();
+        let grace = self.grace;
+        if tokio::time::timeout(grace, rt.tracker.wait()).await.is_err() {
             tracing::warn!(
                 grace = ?grace,
-                open = self.rt.tracker.len(),
+                open = rt.tracker.len(),
                 "grace period over; closing the remaining connections"
             );
         } else {
             tracing::info!("all connections finished");
         }
+        admin_stop.cancel();
         Ok(())
     }
 }
@@ -190,7 +205,7 @@ fn fmt_addr(a: Option<SocketAddr>) -> String {
 }
 
 /// Binds with `SO_REUSEADDR` and a deep backlog.
-fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
+pub(crate) fn bind(addr: SocketAddr) -> Result<TcpListener, Error> {
     let err = |source| Error::Bind { addr, source };
     let sock = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),

@@ -10,7 +10,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose,
 };
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio_util::sync::CancellationToken;
 
 use super::{load, CertError, CertSource, CertStore, Checks, ServedCert};
@@ -28,9 +28,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(3600);
 pub struct InternalCa {
     /// Signs leaves.
     issuer: Issuer<'static, KeyPair>,
-    /// The CA certificate, appended to every chain so clients that trust
-    /// it by file see a complete path.
-    ca_der: CertificateDer<'static>,
     /// Where the CA certificate is, to tell users what to trust.
     cert_path: PathBuf,
 }
@@ -65,7 +62,6 @@ impl InternalCa {
                 .map_err(|e| err(&format!("{} is not a usable CA certificate", cert_path.display()), e))?;
             return Ok(InternalCa {
                 issuer,
-                ca_der: chain[0].clone(),
                 cert_path,
             });
         }
@@ -94,7 +90,6 @@ impl InternalCa {
             .map_err(|e| err(&format!("cannot write {}", cert_path.display()), e))?;
         tracing::info!(path = %cert_path.display(), "created the internal CA");
         Ok(InternalCa {
-            ca_der: cert.der().clone(),
             issuer: Issuer::new(params, key),
             cert_path,
         })
@@ -122,7 +117,8 @@ impl InternalCa {
         let cert = params
             .signed_by(&key, &self.issuer)
             .map_err(|e| err("leaf signing", e))?;
-        let chain = vec![cert.der().clone(), self.ca_der.clone()];
+        // The CA is what clients trust; a server does not send the root.
+        let chain = vec![cert.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let path = Path::new("<internal CA>");
         load::build(chain, key, path, path, hosts, Checks { allow_expired: false })

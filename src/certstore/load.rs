@@ -2,7 +2,7 @@
 //! matches the leaf, the leaf covers the site's names, the chain is in order,
 //! the dates are sane. Control path only.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -36,7 +36,8 @@ pub fn load_files(
     from_pem(&cert_pem, cert_path, &key_pem, key_path, hosts, checks)
 }
 
-fn read(path: &Path) -> Result<Vec<u8>, CertError> {
+/// Reads a whole file; the error says what to do.
+pub(crate) fn read(path: &Path) -> Result<Vec<u8>, CertError> {
     std::fs::read(path).map_err(|e| CertError::Read {
         path: path.to_path_buf(),
         reason: match e.kind() {
@@ -297,9 +298,4 @@ fn key_type(cert: &X509Certificate<'_>) -> String {
         }
         Err(_) => "unknown".into(),
     }
-}
-
-/// Both paths, for messages.
-pub fn paths(cert: &Path, key: &Path) -> (PathBuf, PathBuf) {
-    (cert.to_path_buf(), key.to_path_buf())
 }

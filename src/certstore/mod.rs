@@ -8,10 +8,13 @@
 //! the others (so swapping one certificate among 10,000 is O(1)).
 
 pub mod internal;
+pub mod inventory;
 pub mod load;
+pub mod watch;
 
 use std::fmt;
 use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -179,6 +182,8 @@ pub struct CertSlot {
     current: ArcSwapOption<ServedCert>,
     /// Load outcomes (control path only; never locked during a handshake).
     status: Mutex<SlotStatus>,
+    /// Hash of the file bytes last tried, so an unchanged file is not re-parsed.
+    pub(crate) last_hash: AtomicU64,
 }
 
 impl fmt::Debug for CertSlot {
@@ -200,6 +205,7 @@ impl CertSlot {
             is_default,
             current: ArcSwapOption::empty(),
             status: Mutex::new(SlotStatus::default()),
+            last_hash: AtomicU64::new(0),
         }
     }
 
@@ -231,6 +237,18 @@ impl CertSlot {
         st.last_error = Some(error.to_string());
         st.last_error_at = Some(SystemTime::now());
         new
+    }
+
+    /// Clears a pending error (the files are back to what is served).
+    pub fn clear_error(&self) {
+        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
+        st.last_error = None;
+        st.last_error_at = None;
+    }
+
+    /// Whether `other` describes the same certificate source for the same names.
+    pub fn same_source(&self, other: &CertSlot) -> bool {
+        self.name == other.name && self.hosts == other.hosts && self.source == other.source && self.is_default == other.is_default
     }
 
     /// A copy of the status.
@@ -276,11 +294,55 @@ impl SniMap {
     }
 }
 
-/// The certificates in service.
+/// Something happened to a certificate (for tests, the admin API and logs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertEvent {
+    /// A new certificate went into service.
+    Published {
+        /// Slot name.
+        name: String,
+        /// New serial.
+        serial: String,
+    },
+    /// A replacement was refused; the previous certificate stays.
+    Rejected {
+        /// Slot name.
+        name: String,
+        /// Why.
+        error: String,
+    },
+}
+
+/// Reload counters, read by the metrics collector.
 #[derive(Debug, Default)]
+pub struct CertStats {
+    /// Replacements put in service.
+    pub reloads_ok: AtomicU64,
+    /// Replacements refused.
+    pub reloads_failed: AtomicU64,
+    /// Unix time of the last replacement put in service.
+    pub last_success: AtomicU64,
+}
+
+/// The certificates in service.
+#[derive(Debug)]
 pub struct CertStore {
     /// The current map; handshakes load it once.
     map: ArcSwap<SniMap>,
+    /// Publishes and rejections, for whoever listens.
+    pub(crate) events: tokio::sync::broadcast::Sender<CertEvent>,
+    /// Counters.
+    pub stats: CertStats,
+}
+
+impl Default for CertStore {
+    fn default() -> Self {
+        CertStore {
+            map: ArcSwap::default(),
+            events: tokio::sync::broadcast::channel(1024).0,
+            stats: CertStats::default(),
+        }
+    }
 }
 
 impl CertStore {
@@ -289,30 +351,27 @@ impl CertStore {
         CertStore::default()
     }
 
-    /// Loads every site's certificate. All failures are returned together.
-    pub fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
-        let store = CertStore::new();
+    /// Receives every publish and rejection from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CertEvent> {
+        self.events.subscribe()
+    }
+
+    /// Builds the slots for `config`, reusing `previous` slots whose source
+    /// and names did not change (their certificates are not re-read).
+    /// Nothing is published; all failures are returned together.
+    pub fn build_map(config: &Config, ca: Option<&InternalCa>, previous: Option<&SniMap>) -> Result<SniMap, Vec<SiteCertError>> {
         let mut errors = Vec::new();
         let mut slots = Vec::new();
         for site in &config.sites {
-            let (source, origin) = match &site.tls {
-                TlsSource::Files { cert, key, origin } => (
-                    CertSource::File {
-                        cert: cert.clone(),
-                        key: key.clone(),
-                    },
-                    origin.clone(),
-                ),
-                TlsSource::Internal => (
-                    CertSource::Internal,
-                    Origin {
-                        file: config.source.clone(),
-                        line: 0,
-                        field: format!("sites.{}.tls", site.name),
-                    },
-                ),
-            };
-            let slot = Arc::new(CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default));
+            let (source, origin) = site_source(config, site);
+            let fresh = CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default);
+            if let Some(old) = previous.and_then(|m| m.slots().iter().find(|s| s.same_source(&fresh))) {
+                if old.current().is_some() {
+                    slots.push(old.clone());
+                    continue;
+                }
+            }
+            let slot = Arc::new(fresh);
             match obtain(&slot, ca, Checks { allow_expired: true }) {
                 Ok(cert) => {
                     if SystemTime::now() > cert.info.not_after {
@@ -324,10 +383,17 @@ impl CertStore {
             }
             slots.push(slot);
         }
-        if !errors.is_empty() {
-            return Err(errors);
+        if errors.is_empty() {
+            Ok(SniMap::new(slots))
+        } else {
+            Err(errors)
         }
-        store.map.store(Arc::new(SniMap::new(slots)));
+    }
+
+    /// Loads every site's certificate. All failures are returned together.
+    pub fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
+        let store = CertStore::new();
+        store.map.store(Arc::new(CertStore::build_map(config, ca, None)?));
         Ok(store)
     }
 
@@ -346,6 +412,12 @@ impl CertStore {
         self.map.load().slots().to_vec()
     }
 
+    /// The inventory of every certificate in service.
+    pub fn inventory(&self) -> Vec<inventory::CertReport> {
+        let now = SystemTime::now();
+        self.map.load().slots().iter().map(|s| inventory::report(s, now)).collect()
+    }
+
     /// The slot named `name`.
     pub fn slot(&self, name: &str) -> Option<Arc<CertSlot>> {
         self.map.load().slots().iter().find(|s| s.name == name).cloned()
@@ -361,11 +433,34 @@ impl CertStore {
     }
 }
 
+fn site_source(config: &Config, site: &crate::config::SiteConfig) -> (CertSource, Origin) {
+    match &site.tls {
+        TlsSource::Files { cert, key, origin } => (
+            CertSource::File {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            origin.clone(),
+        ),
+        TlsSource::Internal => (
+            CertSource::Internal,
+            Origin {
+                file: config.source.clone(),
+                line: 0,
+                field: format!("sites.{}.tls", site.name),
+            },
+        ),
+    }
+}
+
 /// Produces a certificate for a slot from its source.
 pub fn obtain(slot: &CertSlot, ca: Option<&InternalCa>, checks: Checks) -> Result<ServedCert, CertError> {
     match &slot.source {
         CertSource::File { cert, key } => {
-            let mut served = load::load_files(cert, key, &slot.hosts, checks)?;
+            let (c, k) = (load::read(cert)?, load::read(key)?);
+            let mut served = load::from_pem(&c, cert, &k, key, &slot.hosts, checks)?;
+            slot.last_hash
+                .store(watch::content_hash(&c, &k), std::sync::atomic::Ordering::Release);
             served.info.cert_path = Some(cert.clone());
             served.info.key_path = Some(key.clone());
             Ok(served)

@@ -38,6 +38,9 @@ pub struct Config {
     pub timeouts: Timeouts,
     /// Size and count limits.
     pub limits: Limits,
+    /// Period of the content-hash check of certificate files (the fallback
+    /// when the filesystem sends no change events).
+    pub cert_poll_interval: Duration,
 }
 
 /// One listening socket.
@@ -344,6 +347,7 @@ impl Config {
             }],
             timeouts: Timeouts::default(),
             limits: Limits::default(),
+            cert_poll_interval: Duration::from_secs(60),
         }
     }
 }

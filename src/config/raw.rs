@@ -17,6 +17,8 @@ pub(crate) struct RawConfig {
     pub timeouts: Option<RawTimeouts>,
     /// Size and count limits.
     pub limits: Option<RawLimits>,
+    /// How certificate files are watched.
+    pub certificates: Option<RawCertificates>,
     /// Sockets to listen on.
     #[serde(default)]
     pub listeners: Vec<Spanned<RawListener>>,
@@ -30,6 +32,14 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawAdmin {
     /// `host:port`, or `"off"` to disable the admin listener.
     pub listen: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawCertificates {
+    /// Content-hash check of every certificate file, for filesystems
+    /// that send no change events.
+    pub poll_interval: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -188,6 +188,11 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         ),
     };
 
+    let cert_poll_interval = cx.duration(
+        &raw.certificates.as_ref().and_then(|c| c.poll_interval.clone()),
+        "certificates.poll_interval",
+        Duration::from_secs(60),
+    );
     let listeners = build_listeners(cx, &raw.listeners);
     let sites = build_sites(cx, &raw.sites, &resolve);
 
@@ -207,6 +212,7 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         sites,
         timeouts,
         limits,
+        cert_poll_interval,
     }
 }
 

@@ -133,11 +133,18 @@ pub struct Runtime {
     pub shutdown: CancellationToken,
     /// Start of the process clock used for idle tracking.
     pub epoch: Instant,
+    /// Traffic metrics.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Runtime {
     /// Builds the runtime around loaded certificates.
-    pub fn new(config: &Config, certs: Arc<CertStore>, shutdown: CancellationToken) -> Result<Arc<Runtime>, rustls::Error> {
+    pub fn new(
+        config: &Config,
+        certs: Arc<CertStore>,
+        metrics: Arc<crate::metrics::Metrics>,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Runtime>, rustls::Error> {
         let tls = tls::server_config(certs.clone())?;
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
@@ -159,6 +166,7 @@ impl Runtime {
             tracker: TaskTracker::new(),
             shutdown,
             epoch: Instant::now(),
+            metrics,
         }))
     }
 
