@@ -143,7 +143,11 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         },
         (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
             let name = &p["/certs/".len()..p.len() - "/renew".len()];
-            renew(state, name)
+            let force = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "force" || kv == "force=1" || kv == "force=true"));
+            renew(state, name, force)
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/certs") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into())
@@ -153,11 +157,25 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
     }
 }
 
-fn renew(state: &AdminState, name: &str) -> Response<Full<Bytes>> {
+fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
     let store = state.control.certs();
     let Some(slot) = store.slot(name) else {
         return text(StatusCode::NOT_FOUND, format!("no certificate named {name:?}\n"));
     };
+    if !force && slot.source == CertSource::Internal {
+        let due = slot.current().is_none_or(|c| {
+            let now = std::time::SystemTime::now();
+            let left = c.info.not_after.duration_since(now).unwrap_or_default();
+            let life = c.info.not_after.duration_since(c.info.not_before).unwrap_or_default();
+            left < life / 3
+        });
+        if !due {
+            return json(
+                StatusCode::OK,
+                &serde_json::json!({ "ok": true, "name": name, "renewed": false, "reason": "not due yet; use force to renew now" }),
+            );
+        }
+    }
     match &slot.source {
         CertSource::Internal => match state.control.internal_ca() {
             Some(ca) => match ca.issue(&slot.hosts) {
@@ -165,7 +183,7 @@ fn renew(state: &AdminState, name: &str) -> Response<Full<Bytes>> {
                     let serial = cert.info.serial.clone();
                     slot.publish(cert);
                     watch::report(store, &slot, &watch::Outcome::Published { serial: serial.clone() });
-                    json(StatusCode::OK, &serde_json::json!({ "ok": true, "name": name, "serial": serial }))
+                    json(StatusCode::OK, &serde_json::json!({ "ok": true, "name": name, "renewed": true, "serial": serial }))
                 }
                 Err(e) => json(
                     StatusCode::INTERNAL_SERVER_ERROR,

@@ -14,6 +14,7 @@
 //! - [`control`]: config reload and listener management of a running server.
 //! - [`admin`]: the admin listener (health, readiness, metrics, inventory, reload).
 //! - [`metrics`]: the Prometheus registry and the certificate expiry series.
+//! - [`ops`]: on-call commands (`certs`, `inspect`, admin requests).
 //! - [`shutdown`]: signals.
 //! - [`hostmap`]: exact / wildcard / default name lookup shared by SNI and
 //!   routing.
@@ -32,6 +33,7 @@ pub mod control;
 pub mod fsutil;
 pub mod hostmap;
 pub mod metrics;
+pub mod ops;
 pub mod proxy;
 pub mod shutdown;
 

@@ -4,6 +4,7 @@
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -41,6 +42,55 @@ enum Command {
         /// Configuration file.
         #[arg(long, short)]
         config: PathBuf,
+    },
+    /// List every certificate served, with expiry; exit 1 if any expires within --within.
+    Certs {
+        /// Read the files a config names (no running proxy needed).
+        #[arg(long, short, conflicts_with = "admin")]
+        config: Option<PathBuf>,
+        /// Ask a running proxy's admin API.
+        #[arg(long)]
+        admin: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 when a certificate expires within this (e.g. 30d).
+        #[arg(long, value_parser = parse_dur)]
+        within: Option<Duration>,
+    },
+    /// Connect to HOST:PORT and show the served chain, dates and whether it verifies.
+    Inspect {
+        /// host:port
+        target: String,
+        /// SNI name to send (default: the host).
+        #[arg(long)]
+        servername: Option<String>,
+        /// Trust this CA bundle instead of the system roots.
+        #[arg(long)]
+        cafile: Option<PathBuf>,
+        /// Exit 1 when the leaf expires within this (e.g. 7d).
+        #[arg(long, value_parser = parse_dur)]
+        within: Option<Duration>,
+        /// Connect and handshake timeout.
+        #[arg(long, value_parser = parse_dur, default_value = "10s")]
+        timeout: Duration,
+    },
+    /// Ask a running proxy to reload its configuration and certificates.
+    Reload {
+        /// Admin API of the running proxy.
+        #[arg(long, default_value = "http://127.0.0.1:9901")]
+        admin: String,
+    },
+    /// Renew a certificate now (certificates portcullis issues itself).
+    Renew {
+        /// The certificate's (site's) name, as `portcullis certs` lists it.
+        name: String,
+        /// Renew even if it is not due, with a fresh key.
+        #[arg(long)]
+        force: bool,
+        /// Admin API of the running proxy.
+        #[arg(long, default_value = "http://127.0.0.1:9901")]
+        admin: String,
     },
     /// Proxy one address to one upstream, no config file needed.
     ReverseProxy {
@@ -93,8 +143,90 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+fn parse_dur(s: &str) -> Result<Duration, String> {
+    portcullis::config::parse_duration(s)
+}
+
+fn block_on<F: std::future::Future>(f: F) -> Result<F::Output> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(f))
+}
+
 fn real_main(cli: Cli) -> Result<ExitCode> {
     match cli.command {
+        Command::Certs {
+            config,
+            admin,
+            json,
+            within,
+        } => {
+            let reports = match config {
+                Some(path) => portcullis::ops::inventory_from_config(&path)?,
+                None => {
+                    let admin = admin.unwrap_or_else(|| "http://127.0.0.1:9901".into());
+                    block_on(portcullis::ops::inventory_from_admin(&admin))??
+                }
+            };
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                print!("{}", portcullis::ops::inventory_table(&reports));
+            }
+            let now = std::time::SystemTime::now();
+            let soon: Vec<_> = within
+                .map(|w| reports.iter().filter(|r| r.expires_within(w, now)).collect())
+                .unwrap_or_default();
+            if !soon.is_empty() {
+                for r in &soon {
+                    eprintln!(
+                        "{}: expires {} (within {})",
+                        r.name,
+                        r.not_after.as_deref().unwrap_or("- (no certificate)"),
+                        humantime(within.unwrap_or_default())
+                    );
+                }
+                return Ok(ExitCode::FAILURE);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Inspect {
+            target,
+            servername,
+            cafile,
+            within,
+            timeout,
+        } => {
+            let ins = match block_on(portcullis::ops::inspect(&target, servername.as_deref(), cafile.as_deref(), timeout))? {
+                Ok(i) => i,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Ok(ExitCode::FAILURE);
+                }
+            };
+            print!("{}", ins.render(&target));
+            let mut ok = ins.verify_error.is_none();
+            if let (Some(w), Some(na)) = (within, ins.leaf_not_after()) {
+                if na <= std::time::SystemTime::now() + w {
+                    eprintln!("the leaf certificate expires within {}", humantime(w));
+                    ok = false;
+                }
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Reload { admin } => {
+            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", "/reload"))??;
+            print!("{body}");
+            Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+        Command::Renew { name, force, admin } => {
+            let path = format!("/certs/{name}/renew{}", if force { "?force=1" } else { "" });
+            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
+            print!("{body}");
+            Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Validate { config } => Ok(validate(&config)),
         Command::Run { config } => {
             let config = match Config::load(&config) {
@@ -205,6 +337,17 @@ fn serve(config: Config) -> Result<ExitCode> {
         server.run().await?;
         Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
     })
+}
+
+fn humantime(d: Duration) -> String {
+    let s = d.as_secs();
+    if s % 86_400 == 0 && s > 0 {
+        format!("{}d", s / 86_400)
+    } else if s % 3600 == 0 && s > 0 {
+        format!("{}h", s / 3600)
+    } else {
+        format!("{s}s")
+    }
 }
 
 /// `localhost:8443`, `:8443`, `0.0.0.0:443`, `[::1]:443` -> address and host name.
