@@ -86,7 +86,7 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(raw) => raw,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            let (field, message) = describe_toml_error(&e);
+            let (field, message) = describe_toml_error(&e, text);
             cx.err(&span, &field, message);
             return Err(ConfigErrors(cx.errors));
         }
@@ -95,19 +95,34 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
     if cx.errors.is_empty() {
         Ok(config)
     } else {
+        // In file order (checks run section by section); file-wide last.
+        cx.errors.sort_by_key(|e| if e.origin.line == 0 { usize::MAX } else { e.origin.line });
         Err(ConfigErrors(cx.errors))
     }
 }
 
-/// Turns a toml/serde message into (field, message with a hint).
-fn describe_toml_error(e: &toml::de::Error) -> (String, String) {
+/// Turns a toml/serde message into (field, message with a hint). The field
+/// is found from the error's position in the text, since neither toml nor
+/// serde report the path of the value that failed.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> (String, String) {
     let msg = e.message().trim().to_string();
+    let at = e.span().map_or(0, |s| s.start);
+    let base = field_at(text, at);
+    let join = |name: &str| -> String {
+        if base.is_empty() {
+            name.to_string()
+        } else if base.rsplit('.').next() == Some(name) {
+            base.clone()
+        } else {
+            format!("{base}.{name}")
+        }
+    };
     // serde: "unknown field `foo`, expected one of `a`, `b`"
     if let Some(rest) = msg.strip_prefix("unknown field `") {
         if let Some((name, expected)) = rest.split_once('`') {
             let expected = expected.trim_start_matches(", ");
             return (
-                name.to_string(),
+                join(name),
                 format!("unknown key \"{name}\"; remove it or fix its spelling ({expected})"),
             );
         }
@@ -115,12 +130,121 @@ fn describe_toml_error(e: &toml::de::Error) -> (String, String) {
     if let Some(rest) = msg.strip_prefix("missing field `") {
         if let Some((name, _)) = rest.split_once('`') {
             return (
-                name.to_string(),
+                join(name),
                 format!("required key \"{name}\" is missing from this table; add it"),
             );
         }
     }
-    ("syntax".to_string(), msg)
+    let field = if base.is_empty() { "(top level)".to_string() } else { base.clone() };
+    // serde: "invalid type: integer `443`, expected a string"
+    if let Some(rest) = msg.strip_prefix("invalid type: ") {
+        if let Some((found, expected)) = rest.split_once(", expected ") {
+            let hint = match expected {
+                "a string" => "put the value in double quotes",
+                "a boolean" => "write true or false, without quotes",
+                e if e.starts_with('i') || e.starts_with('u') || e.contains("integer") => {
+                    "write a whole number, without quotes"
+                }
+                e if e.contains("sequence") => "write a list such as [\"a\", \"b\"]",
+                _ => "fix the value",
+            };
+            let expected = match expected {
+                e if e.starts_with('i') || e.starts_with('u') => "a whole number",
+                e if e.contains("sequence") => "a list",
+                e => e,
+            };
+            return (field, format!("{found} is the wrong type, expected {expected}; {hint}"));
+        }
+    }
+    let hint = match msg.as_str() {
+        "duplicate key" => "; keep only one of them",
+        _ => "",
+    };
+    (field, format!("is not valid TOML: {msg}{hint}"))
+}
+
+/// The dotted field path (`sites[1].routes[0].upstream`) of the value at
+/// byte `at` of a TOML text. A line scanner, enough for the messages: it
+/// follows `[table]` and `[[array]]` headers and `key =` lines.
+fn field_at(text: &str, at: usize) -> String {
+    let at = at.min(text.len());
+    // Array-of-tables element counts, by dotted name without indices.
+    let mut arrays: HashMap<String, usize> = HashMap::new();
+    let mut table: Vec<String> = Vec::new();
+    let mut key: Vec<String> = Vec::new();
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        offset += line.len();
+        let trimmed = line.trim();
+        if let Some(inner) = trimmed.strip_prefix("[[") {
+            let name = split_key(inner.split("]]").next().unwrap_or(""));
+            let dotted = name.join(".");
+            let children = format!("{dotted}.");
+            arrays.retain(|k, _| !k.starts_with(&children));
+            *arrays.entry(dotted).or_insert(0) += 1;
+            table = name;
+            key.clear();
+        } else if let Some(inner) = trimmed.strip_prefix('[') {
+            table = split_key(inner.split(']').next().unwrap_or(""));
+            key.clear();
+        } else if let Some((k, _)) = split_assignment(trimmed) {
+            key = split_key(k);
+        }
+        if at < offset {
+            break;
+        }
+    }
+    let mut out = String::new();
+    let full: Vec<&String> = table.iter().chain(key.iter()).collect();
+    for (i, part) in full.iter().enumerate() {
+        if i > 0 {
+            out.push('.');
+        }
+        out.push_str(part);
+        if i < table.len() {
+            let dotted: Vec<&str> = table[..=i].iter().map(String::as_str).collect();
+            if let Some(n) = arrays.get(&dotted.join(".")) {
+                out.push_str(&format!("[{}]", n.saturating_sub(1)));
+            }
+        }
+    }
+    out
+}
+
+/// `key = value` -> `key` (the `=` found outside quotes); `None` for other lines.
+fn split_assignment(line: &str) -> Option<(&str, &str)> {
+    if line.starts_with('#') {
+        return None;
+    }
+    let mut quote = None;
+    for (i, c) in line.char_indices() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '=') => return Some((&line[..i], &line[i + 1..])),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// `a."b.c" . d` -> `["a", "b.c", "d"]`.
+fn split_key(k: &str) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut quote = None;
+    for c in k.chars() {
+        match (quote, c) {
+            (None, '"' | '\'') => quote = Some(c),
+            (Some(q), c) if c == q => quote = None,
+            (None, '.') => parts.push(std::mem::take(&mut cur)),
+            // Whitespace, and stray brackets of a broken header.
+            (None, c) if c.is_whitespace() || c == '[' || c == ']' => {}
+            (_, c) => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    parts
 }
 
 fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
@@ -196,12 +320,22 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
     let listeners = build_listeners(cx, &raw.listeners);
     let sites = build_sites(cx, &raw.sites, &resolve);
 
-    if !listeners.iter().any(|l| l.protocol == ListenerProtocol::Https) && !sites.is_empty() {
-        cx.err(
-            &(0..0),
-            "listeners",
-            "no https listener; add [[listeners]] with listen = \"0.0.0.0:443\"",
-        );
+    // A listener declared https but with a bad address is reported on its
+    // own; only a file that declares none gets this error.
+    let declared_https = raw
+        .listeners
+        .iter()
+        .any(|l| l.get_ref().protocol.as_ref().is_none_or(|p| p.get_ref() == "https"));
+    if !declared_https && !raw.sites.is_empty() {
+        // About the whole file, not a line of it.
+        cx.errors.push(ConfigError {
+            origin: Origin {
+                file: path.to_path_buf(),
+                line: 0,
+                field: "listeners".into(),
+            },
+            message: "no https listener; add [[listeners]] with listen = \"0.0.0.0:443\"".into(),
+        });
     }
 
     Config {
@@ -287,7 +421,7 @@ fn build_sites(
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Vec<SiteConfig> {
     let mut out = Vec::new();
-    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut names: HashMap<String, (usize, bool)> = HashMap::new();
     let mut hosts_seen: HashMap<HostPattern, usize> = HashMap::new();
     let mut default_site: Option<usize> = None;
     for (i, s) in raw.iter().enumerate() {
@@ -319,30 +453,45 @@ fn build_sites(
                 Err(e) => cx.err(&h.span(), &field, e),
             }
         }
-        let name = match &s.name {
+        let mut name = match &s.name {
             Some(n) if !valid_name(n.get_ref()) => {
                 cx.err(
                     &n.span(),
                     &format!("sites[{i}].name"),
                     format!("\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'", n.get_ref()),
                 );
-                String::new()
+                None
             }
-            Some(n) => n.get_ref().clone(),
-            None => s
-                .hosts
-                .get_ref()
-                .first()
-                .map(|h| h.get_ref().to_ascii_lowercase())
-                .unwrap_or_else(|| format!("site{i}")),
+            Some(n) => Some(n.get_ref().clone()),
+            None => Some(
+                s.hosts
+                    .get_ref()
+                    .first()
+                    .map(|h| h.get_ref().trim().to_ascii_lowercase())
+                    .unwrap_or_else(|| format!("site{i}")),
+            ),
         };
-        if let Some(prev) = names.insert(name.clone(), i) {
-            let span = s.name.as_ref().map(|n| n.span()).unwrap_or(site_span.clone());
-            cx.err(
-                &span,
-                &format!("sites[{i}].name"),
-                format!("\"{name}\" is already the name of sites[{prev}]; give each site its own name"),
-            );
+        // A name taken from the first host can only clash when that host is
+        // already reported as a duplicate (or named explicitly elsewhere):
+        // make it unique instead of reporting a second, confusing error.
+        let explicit = s.name.is_some();
+        if let Some(n) = &name {
+            if let Some(&(prev, prev_explicit)) = names.get(n) {
+                if explicit {
+                    let taken = if prev_explicit { "" } else { " (taken from its first host)" };
+                    cx.err(
+                        &s.name.as_ref().unwrap().span(),
+                        &format!("sites[{i}].name"),
+                        format!("\"{n}\" is already the name of sites[{prev}]{taken}; give each site its own name"),
+                    );
+                } else {
+                    name = Some(format!("{n}-{i}"));
+                }
+            }
+        }
+        let name = name.unwrap_or_default();
+        if !name.is_empty() {
+            names.entry(name.clone()).or_insert((i, explicit));
         }
         let default = s.default.as_ref().map(|d| *d.get_ref()).unwrap_or(false);
         if default {
@@ -389,7 +538,7 @@ fn build_sites(
             );
         }
         // Longest prefix first, so the first match wins.
-        routes.sort_by(|a, b| b.path.len().cmp(&a.path.len()));
+        routes.sort_by_key(|r| std::cmp::Reverse(r.path.len()));
         out.push(SiteConfig {
             name,
             hosts,
