@@ -207,10 +207,20 @@ pub async fn serve_https(listener: TcpListener, rt: Arc<Runtime>, stop: Cancella
 async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
     let _ = tcp.set_nodelay(true);
     let snap = rt.snapshot.load_full();
-    let stream = match tls::accept(tcp, &rt.tls, &rt.certs, snap.timeouts.tls_handshake).await {
-        Ok(s) => s,
-        Err(reason) => {
-            tracing::debug!(%peer, reason = reason.as_str(), "TLS handshake failed");
+    // A handshake still under way when shutdown starts is abandoned: no
+    // request has been sent on it yet, and it would otherwise hold the
+    // shutdown for up to the handshake timeout.
+    let accept = tls::accept(tcp, &rt.tls, &rt.certs, snap.timeouts.tls_handshake);
+    let stream = tokio::select! {
+        r = accept => match r {
+            Ok(s) => s,
+            Err(reason) => {
+                tracing::debug!(%peer, reason = reason.as_str(), "TLS handshake failed");
+                return;
+            }
+        },
+        _ = rt.shutdown.cancelled() => {
+            tracing::debug!(%peer, "shutting down; TLS handshake abandoned");
             return;
         }
     };
@@ -257,7 +267,10 @@ async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
 }
 
 /// Runs a connection until it ends, closing it when it has been idle too
-/// long or when shutdown starts (in-flight requests then finish first).
+/// long or when shutdown starts (in-flight requests then finish first, for
+/// at most `timeouts.shutdown_grace`; then the connection is dropped, so a
+/// request that outlives the grace period is cut off instead of living on
+/// after [`crate::Server::run`] has returned).
 pub(crate) async fn drive<F, E>(
     mut conn: Pin<&mut F>,
     graceful: fn(Pin<&mut F>),
@@ -269,9 +282,13 @@ pub(crate) async fn drive<F, E>(
     E: std::fmt::Display,
 {
     let mut closing = false;
+    // Set when shutdown starts: past it the connection is dropped.
+    let mut hard_stop: Option<Instant> = None;
     loop {
         let last = shared.last_done_ms.load(Ordering::Acquire);
         let idle_at = rt.epoch + Duration::from_millis(last) + idle;
+        // Never reached while `hard_stop` is unset (that branch is off then).
+        let stop_at = hard_stop.unwrap_or(idle_at);
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
@@ -279,9 +296,20 @@ pub(crate) async fn drive<F, E>(
                 }
                 return;
             }
-            _ = rt.shutdown.cancelled(), if !closing => {
-                closing = true;
-                graceful(conn.as_mut());
+            _ = rt.shutdown.cancelled(), if hard_stop.is_none() => {
+                let grace = rt.snapshot.load().timeouts.shutdown_grace;
+                hard_stop = Some(Instant::now() + grace);
+                if !closing {
+                    closing = true;
+                    graceful(conn.as_mut());
+                }
+            }
+            _ = tokio::time::sleep_until(stop_at.into()), if hard_stop.is_some() => {
+                tracing::debug!(
+                    in_flight = shared.in_flight.load(Ordering::Acquire),
+                    "shutdown grace period over; dropping the connection"
+                );
+                return;
             }
             _ = tokio::time::sleep_until(idle_at.into()), if !closing => {
                 let quiet = shared.in_flight.load(Ordering::Acquire) == 0
