@@ -41,6 +41,106 @@ pub struct Config {
     /// Period of the content-hash check of certificate files (the fallback
     /// when the filesystem sends no change events).
     pub cert_poll_interval: Duration,
+    /// Settings shared by every rate limit.
+    pub rate_limit: RateLimitSettings,
+}
+
+/// Settings shared by every rate limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RateLimitSettings {
+    /// Peers whose `X-Forwarded-For` / `Forwarded` is believed.
+    pub trusted_proxies: Vec<Cidr>,
+    /// Most keys tracked per limit; past it, new clients share one bucket.
+    pub max_keys: usize,
+    /// How often idle keys are purged.
+    pub purge_interval: Duration,
+    /// Body of a 429.
+    pub body: String,
+}
+
+impl Default for RateLimitSettings {
+    fn default() -> Self {
+        RateLimitSettings {
+            trusted_proxies: Vec::new(),
+            max_keys: 1_000_000,
+            purge_interval: Duration::from_secs(10),
+            body: "too many requests\n".into(),
+        }
+    }
+}
+
+/// An address block, e.g. `10.0.0.0/8`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cidr {
+    /// Network address.
+    pub addr: std::net::IpAddr,
+    /// Prefix length.
+    pub prefix: u8,
+}
+
+impl Cidr {
+    /// Parses `10.0.0.0/8`, `::1/128` or a bare address.
+    pub fn parse(s: &str) -> Option<Cidr> {
+        let (a, p) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: std::net::IpAddr = a.trim().parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match p {
+            Some(p) => p.trim().parse::<u8>().ok().filter(|p| *p <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, prefix })
+    }
+
+    /// Whether `ip` is inside (IPv4-mapped IPv6 addresses count as IPv4).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(ip),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One rate limit on a route.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RateLimitConfig {
+    /// Policy name (the `RateLimit-Policy` name and log field).
+    pub name: String,
+    /// Requests per `per`.
+    pub count: std::num::NonZeroU32,
+    /// The period of `count`.
+    pub per: Duration,
+    /// Requests allowed at once above the steady rate.
+    pub burst: std::num::NonZeroU32,
+    /// What is limited.
+    pub key: LimitKey,
+    /// Log and count, never reject.
+    pub shadow: bool,
+}
+
+/// What a limit counts by.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum LimitKey {
+    /// The client address (after trusted proxies).
+    ClientIp,
+    /// A request header's value (e.g. an API key); absent header = one shared key.
+    Header(http::HeaderName),
+    /// The whole route shares one bucket.
+    Route,
 }
 
 /// One listening socket.
@@ -156,6 +256,8 @@ pub struct RouteConfig {
     pub path: String,
     /// What to do with a matching request.
     pub action: RouteAction,
+    /// Rate limits, all of which must admit a request.
+    pub limits: Vec<RateLimitConfig>,
 }
 
 /// What a route does.
@@ -343,11 +445,13 @@ impl Config {
                         strip_prefix: false,
                         preserve_host: true,
                     }),
+                    limits: Vec::new(),
                 }],
             }],
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             cert_poll_interval: Duration::from_secs(60),
+            rate_limit: RateLimitSettings::default(),
         }
     }
 }

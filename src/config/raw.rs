@@ -17,6 +17,8 @@ pub(crate) struct RawConfig {
     pub timeouts: Option<RawTimeouts>,
     /// Size and count limits.
     pub limits: Option<RawLimits>,
+    /// Settings shared by every rate limit.
+    pub rate_limit: Option<RawRateLimitGlobal>,
     /// How certificate files are watched.
     pub certificates: Option<RawCertificates>,
     /// Sockets to listen on.
@@ -98,6 +100,30 @@ pub(crate) struct RawRoute {
     pub preserve_host: Option<bool>,
     pub respond: Option<Spanned<RawRespond>>,
     pub redirect: Option<Spanned<RawRedirect>>,
+    #[serde(default)]
+    pub rate_limits: Vec<Spanned<RawLimit>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawLimit {
+    pub name: Option<Spanned<String>>,
+    /// `100/s`, `6000/min`, `10/h`.
+    pub rate: Spanned<String>,
+    pub burst: Option<Spanned<i64>>,
+    /// `ip` (default), `header:NAME`, or `route`.
+    pub key: Option<Spanned<String>>,
+    /// `enforce` (default) or `shadow`.
+    pub mode: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRateLimitGlobal {
+    pub trusted_proxies: Option<Vec<Spanned<String>>>,
+    pub max_keys: Option<Spanned<i64>>,
+    pub purge_interval: Option<Spanned<String>>,
+    pub body: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -317,6 +317,7 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         "certificates.poll_interval",
         Duration::from_secs(60),
     );
+    let rate_limit = build_rate_limit_settings(cx, raw.rate_limit.as_ref());
     let listeners = build_listeners(cx, &raw.listeners);
     let sites = build_sites(cx, &raw.sites, &resolve);
 
@@ -347,7 +348,109 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         timeouts,
         limits,
         cert_poll_interval,
+        rate_limit,
     }
+}
+
+fn build_rate_limit_settings(cx: &mut Ctx<'_>, raw: Option<&RawRateLimitGlobal>) -> RateLimitSettings {
+    let d = RateLimitSettings::default();
+    let Some(raw) = raw else { return d };
+    let mut trusted = Vec::new();
+    for (i, p) in raw.trusted_proxies.iter().flatten().enumerate() {
+        match Cidr::parse(p.get_ref()) {
+            Some(c) => trusted.push(c),
+            None => cx.err(
+                &p.span(),
+                &format!("rate_limit.trusted_proxies[{i}]"),
+                format!("\"{}\" is not an address or CIDR block; write e.g. \"10.0.0.0/8\" or \"192.0.2.7\"", p.get_ref()),
+            ),
+        }
+    }
+    RateLimitSettings {
+        trusted_proxies: trusted,
+        max_keys: cx.count(&raw.max_keys, "rate_limit.max_keys", 1, 100_000_000, d.max_keys),
+        purge_interval: cx.duration(&raw.purge_interval, "rate_limit.purge_interval", d.purge_interval),
+        body: raw.body.clone().unwrap_or(d.body),
+    }
+}
+
+fn build_limits(cx: &mut Ctx<'_>, raw: &[Spanned<RawLimit>], prefix: &str) -> Vec<RateLimitConfig> {
+    let mut out = Vec::new();
+    let mut names = HashSet::new();
+    for (k, l) in raw.iter().enumerate() {
+        let l = l.get_ref();
+        let field = format!("{prefix}.rate_limits[{k}]");
+        let Some((count, per)) = parse_rate(l.rate.get_ref()) else {
+            cx.err(
+                &l.rate.span(),
+                &format!("{field}.rate"),
+                format!("\"{}\" is not a rate; write COUNT/UNIT such as \"100/s\", \"6000/min\" or \"50/h\"", l.rate.get_ref()),
+            );
+            continue;
+        };
+        let burst = match &l.burst {
+            None => count,
+            Some(b) => match u32::try_from(*b.get_ref()).ok().and_then(std::num::NonZeroU32::new) {
+                Some(b) => b,
+                None => {
+                    cx.err(&b.span(), &format!("{field}.burst"), format!("{} is not a valid burst; use a whole number from 1", b.get_ref()));
+                    continue;
+                }
+            },
+        };
+        let key = match l.key.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
+            None | Some(("ip", _)) => LimitKey::ClientIp,
+            Some(("route", _)) => LimitKey::Route,
+            Some((other, span)) => match other.strip_prefix("header:").map(|h| http::HeaderName::from_bytes(h.trim().as_bytes())) {
+                Some(Ok(h)) => LimitKey::Header(h),
+                _ => {
+                    cx.err(&span, &format!("{field}.key"), format!("\"{other}\" is not a key; use \"ip\", \"route\" or \"header:NAME\" (e.g. \"header:x-api-key\")"));
+                    continue;
+                }
+            },
+        };
+        let shadow = match l.mode.as_ref().map(|m| (m.get_ref().as_str(), m.span())) {
+            None | Some(("enforce", _)) => false,
+            Some(("shadow", _)) => true,
+            Some((other, span)) => {
+                cx.err(&span, &format!("{field}.mode"), format!("\"{other}\" is not a mode; use \"enforce\" or \"shadow\""));
+                continue;
+            }
+        };
+        let name = match &l.name {
+            Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+            Some(n) => {
+                cx.err(&n.span(), &format!("{field}.name"), format!("\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'", n.get_ref()));
+                continue;
+            }
+            None => match &key {
+                LimitKey::ClientIp => "ip".to_string(),
+                LimitKey::Route => "route".to_string(),
+                LimitKey::Header(h) => h.as_str().to_string(),
+            },
+        };
+        if !names.insert(name.clone()) {
+            let span = l.name.as_ref().map(|n| n.span()).unwrap_or(l.rate.span());
+            cx.err(&span, &format!("{field}.name"), format!("\"{name}\" is already a limit of this route; give each limit its own name"));
+            continue;
+        }
+        out.push(RateLimitConfig { name, count, per, burst, key, shadow });
+    }
+    out
+}
+
+/// `100/s` -> (100, 1 s).
+fn parse_rate(s: &str) -> Option<(std::num::NonZeroU32, Duration)> {
+    let (n, unit) = s.split_once('/')?;
+    let n = std::num::NonZeroU32::new(n.trim().parse().ok()?)?;
+    let per = match unit.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "m" | "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        other => parse_duration(other).ok().filter(|d| !d.is_zero())?,
+    };
+    Some((n, per))
 }
 
 fn build_listeners(cx: &mut Ctx<'_>, raw: &[Spanned<RawListener>]) -> Vec<ListenerConfig> {
@@ -758,7 +861,8 @@ fn build_route(cx: &mut Ctx<'_>, r: &Spanned<RawRoute>, i: usize, j: usize) -> O
             status,
         }
     };
-    Some(RouteConfig { path, action })
+    let limits = build_limits(cx, &r.rate_limits, &prefix);
+    Some(RouteConfig { path, action, limits })
 }
 
 /// `http://host:port` with no path, query or credentials.

@@ -9,6 +9,7 @@ mod body;
 mod handler;
 pub mod headers;
 pub mod io;
+pub mod ratelimit;
 pub mod redirect;
 pub mod tls;
 
