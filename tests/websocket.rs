@@ -1,0 +1,264 @@
+//! WebSocket upgrades pass through the proxy: the HTTP/1.1 handshake is
+//! forwarded, then frames flow both ways over the upgraded connections.
+
+mod common;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use http::{header, HeaderValue, StatusCode};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+
+use common::*;
+
+/// Bound on every network step of these tests.
+const STEP: Duration = Duration::from_secs(10);
+
+/// An upstream that accepts WebSocket upgrades and echoes every data
+/// message, and answers plain requests with `plain`.
+async fn ws_echo_upstream() -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    upstream(|mut req: Request<Incoming>| async move {
+        let is_ws = req
+            .headers()
+            .get(header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let Some(key) = req
+            .headers()
+            .get("sec-websocket-key")
+            .filter(|_| is_ws)
+            .cloned()
+        else {
+            return Response::new(full("plain"));
+        };
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut ws =
+                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            // Bounded: the client sends a handful of messages then closes.
+            for _ in 0..1000 {
+                match ws.next().await {
+                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                        if ws.send(m).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                    Some(Ok(_)) => {}
+                }
+            }
+        });
+        let mut resp = Response::new(full(""));
+        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let h = resp.headers_mut();
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            "sec-websocket-accept",
+            HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+        );
+        resp
+    })
+    .await
+}
+
+async fn start(pki: &Pki, up: std::net::SocketAddr) -> Proxy {
+    let dir = tempfile::tempdir().unwrap();
+    pki.leaf(&["ws.test"], Alg::Ecdsa).write(dir.path(), "");
+    Proxy::start_in(
+        dir,
+        &format!(
+            r#"
+[admin]
+listen = "off"
+[[listeners]]
+listen = "127.0.0.1:0"
+[[sites]]
+hosts = ["ws.test"]
+tls = {{ cert = "cert.pem", key = "key.pem" }}
+  [[sites.routes]]
+  path = "/ws"
+  upstream = "http://{up}"
+"#
+        ),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn websocket_echoes_text_and_binary_through_the_proxy() {
+    let pki = Pki::new();
+    let (up, _stop) = ws_echo_upstream().await;
+    let proxy = start(&pki, up).await;
+
+    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let (mut ws, resp) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async("wss://ws.test/ws/chat", tls),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("WebSocket handshake through the proxy");
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let messages = [
+        Message::text("hello through portcullis"),
+        Message::binary(vec![0u8, 1, 2, 254, 255]),
+        Message::text("ünïcödé ✓"),
+        // Larger than any single TLS record or read buffer.
+        Message::binary(big),
+    ];
+    for m in &messages {
+        tokio::time::timeout(STEP, ws.send(m.clone()))
+            .await
+            .unwrap()
+            .unwrap();
+        let back = tokio::time::timeout(STEP, ws.next())
+            .await
+            .expect("echo in time")
+            .expect("stream open")
+            .expect("valid frame");
+        assert_eq!(&back, m);
+    }
+    tokio::time::timeout(STEP, ws.close(None))
+        .await
+        .unwrap()
+        .unwrap();
+    // The close handshake completes: the upstream answered it through the tunnel.
+    let end = tokio::time::timeout(STEP, async {
+        for _ in 0..10 {
+            match ws.next().await {
+                None | Some(Err(_)) => return true,
+                Some(Ok(Message::Close(_))) => {}
+                Some(Ok(other)) => panic!("unexpected message after close: {other:?}"),
+            }
+        }
+        false
+    })
+    .await
+    .expect("close in time");
+    assert!(end, "the tunnel did not end after the close handshake");
+}
+
+#[tokio::test]
+async fn plain_request_on_a_websocket_route_still_works() {
+    let pki = Pki::new();
+    let (up, _stop) = ws_echo_upstream().await;
+    let proxy = start(&pki, up).await;
+    for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+        let got = get(
+            proxy.https,
+            "ws.test",
+            "/ws/chat",
+            pki.client_config(&[alpn]),
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], b"plain");
+    }
+    // And a WebSocket still upgrades after plain requests on the same route.
+    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ws.send(Message::text("again")).await.unwrap();
+    let back = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, Message::text("again"));
+}
+
+// Fails today: the tunnel task spawned in src/proxy/handler.rs (forward,
+// the 101 branch) runs `copy_bidirectional` with no regard for shutdown, so
+// it outlives `run()` in process. Un-ignore once it races the copy against
+// `rt.shutdown.cancelled()` followed by `sleep(shutdown_grace)`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "handler.rs: upgraded tunnels ignore shutdown (see comment)"]
+async fn websocket_tunnel_is_closed_when_the_shutdown_grace_period_ends() {
+    let pki = Pki::new();
+    let (up, _stop) = ws_echo_upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.leaf(&["ws.test"], Alg::Ecdsa).write(dir.path(), "");
+    let proxy = Proxy::start_in(
+        dir,
+        &format!(
+            r#"
+[admin]
+listen = "off"
+[timeouts]
+shutdown_grace = "1s"
+[[listeners]]
+listen = "127.0.0.1:0"
+[[sites]]
+hosts = ["ws.test"]
+tls = {{ cert = "cert.pem", key = "key.pem" }}
+  [[sites.routes]]
+  upstream = "http://{up}"
+"#
+        ),
+    )
+    .await;
+    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    let (mut ws, _) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    ws.send(Message::text("before")).await.unwrap();
+    let back = tokio::time::timeout(STEP, ws.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, Message::text("before"));
+
+    let t0 = std::time::Instant::now();
+    proxy.shutdown.cancel();
+    let done = tokio::time::timeout(STEP, proxy.done)
+        .await
+        .expect("run() returns")
+        .unwrap();
+    assert!(done.is_ok(), "{done:?}");
+    // The tunnel does not outlive the grace period: the client sees its end.
+    let ended = tokio::time::timeout(STEP, async {
+        // Bounded: the server sends nothing on its own but a close.
+        for _ in 0..10 {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return true,
+                Some(Ok(_)) => {}
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(
+        ended,
+        Ok(true),
+        "the WebSocket tunnel was still open {:?} after shutdown started (grace 1s)",
+        t0.elapsed()
+    );
+}
