@@ -455,3 +455,21 @@ impl Config {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_parse() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        for name in ["quickstart.toml", "reference.toml"] {
+            let c = Config::load(&root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(!c.sites.is_empty(), "{name}");
+        }
+        let r = Config::load(&root.join("reference.toml")).unwrap();
+        let v1 = r.sites[0].routes.iter().find(|r| r.path == "/v1/").unwrap();
+        assert_eq!(v1.limits.len(), 3);
+        assert_eq!(r.rate_limit.trusted_proxies.len(), 2);
+    }
+}
