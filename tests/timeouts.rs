@@ -400,3 +400,58 @@ async fn client_that_stops_reading_is_cut_off_after_response_write_timeout() {
     // The downstream connection was closed too: what is buffered drains, then EOF.
     read_until_closed(&mut tls, LIMIT).await;
 }
+
+// Fails today: src/proxy/handler.rs `handle` adds 1 to `in_flight` and only
+// the response body's `on_done` takes it back; when the client resets an h2
+// stream hyper drops the service future, no body is ever made, and the
+// connection looks busy forever, so the idle timeout never closes it.
+// Un-ignore once the decrement lives in a drop guard created in `handle`.
+#[tokio::test]
+#[ignore = "handler.rs: in_flight leaks when an h2 request is cancelled (see comment)"]
+async fn idle_timeout_closes_an_h2_connection_whose_request_the_client_cancelled() {
+    let pki = Pki::new();
+    let (arrived_tx, mut arrived) = mpsc::unbounded_channel();
+    // The upstream holds every request for a minute.
+    let (up, _stop) = upstream(move |_req: Request<Incoming>| {
+        let arrived_tx = arrived_tx.clone();
+        async move {
+            let _ = arrived_tx.send(());
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            Response::new(full("late"))
+        }
+    })
+    .await;
+    let proxy = start(&pki, up, "idle = \"1s\"").await;
+
+    let tls = tls_connect(proxy.https, "api.test", pki.client_config(&[b"h2"]))
+        .await
+        .unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = req_builder(b"h2", "api.test", "/cancel")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let pending = tokio::spawn(sender.send_request(req));
+    tokio::time::timeout(LIMIT, arrived.recv())
+        .await
+        .expect("request reaches the upstream")
+        .unwrap();
+    // Dropping the response future resets the stream (RST_STREAM CANCEL);
+    // the connection itself stays open and now carries nothing.
+    pending.abort();
+    let _ = pending.await;
+    let t0 = Instant::now();
+    let ended = tokio::time::timeout(LIMIT, conn).await.unwrap_or_else(|_| {
+        panic!("the connection was still open {LIMIT:?} after its only request was cancelled (idle is 1s)")
+    });
+    assert!(ended.unwrap().is_ok());
+    assert!(
+        t0.elapsed() >= Duration::from_secs(1) - SLACK,
+        "{:?}",
+        t0.elapsed()
+    );
+    drop(sender);
+}
