@@ -91,6 +91,9 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
         Ok(h) => h.map(str::to_string),
         Err(r) => return bad_request(r),
     };
+    if let Err(r) = headers::check_path(req.uri().path()) {
+        return bad_request(r);
+    }
     access.host = host.clone().unwrap_or_default();
     if req.method() == Method::CONNECT {
         return short(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");

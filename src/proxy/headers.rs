@@ -29,6 +29,8 @@ pub enum Reject {
     LengthAndEncoding,
     /// CR, LF or NUL inside a header value (HTTP/2 request).
     HeaderBytes,
+    /// A `.` or `..` path segment.
+    DotSegment,
 }
 
 impl Reject {
@@ -39,6 +41,7 @@ impl Reject {
             Reject::TransferEncoding => "bad request: unsupported or repeated Transfer-Encoding\n",
             Reject::LengthAndEncoding => "bad request: Content-Length and Transfer-Encoding together\n",
             Reject::HeaderBytes => "bad request: invalid characters in a header value\n",
+            Reject::DotSegment => "bad request: \".\" and \"..\" path segments are not allowed\n",
         }
     }
 }
@@ -93,6 +96,28 @@ pub fn check_request<B>(req: &Request<B>) -> Result<Option<&str>, Reject> {
     }
 }
 
+/// Refuses `.` and `..` path segments, plain or percent-encoded. Routes
+/// match the path as sent; an upstream that resolves `/api/../admin` would
+/// serve a path no route of the proxy chose. Clients remove dot segments
+/// before sending (RFC 3986 §5.2.4), so only crafted requests have them.
+pub fn check_path(path: &str) -> Result<(), Reject> {
+    let dot = |s: &str| {
+        let s = s.as_bytes();
+        s == b"." || s.eq_ignore_ascii_case(b"%2e")
+    };
+    for seg in path.split('/') {
+        let bad = match seg.len() {
+            1 | 3 => dot(seg),
+            2 | 4 | 6 => (1..seg.len()).any(|i| seg.is_char_boundary(i) && dot(&seg[..i]) && dot(&seg[i..])),
+            _ => false,
+        };
+        if bad {
+            return Err(Reject::DotSegment);
+        }
+    }
+    Ok(())
+}
+
 /// `example.com:8443` -> `example.com`; `[::1]:8443` -> `[::1]`. `None` when
 /// the value is not a plausible host.
 pub fn strip_port(h: &str) -> Option<&str> {
@@ -123,11 +148,19 @@ fn is_port(p: &str) -> bool {
     !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// Whether the request asks for a protocol upgrade (WebSocket over HTTP/1.1).
+/// Whether the request asks for a WebSocket upgrade over HTTP/1.1. Other
+/// upgrades (`h2c`, `TLS/1.0`) concern this hop only: their headers are
+/// stripped like any hop-by-hop header and the request goes on as is.
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
         && connection_has(req.headers(), "upgrade")
+        && req
+            .headers()
+            .get_all(header::UPGRADE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|p| p.trim().split('/').next().is_some_and(|name| name.eq_ignore_ascii_case("websocket")))
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -161,11 +194,17 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 /// Adds `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Via`.
 pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>, version: Version) {
     let xff = HeaderName::from_static("x-forwarded-for");
-    let ip = client.to_string();
-    let value = match headers.get(&xff).and_then(|v| v.to_str().ok()) {
-        Some(prev) if !prev.trim().is_empty() => format!("{prev}, {ip}"),
-        _ => ip,
-    };
+    // Every existing line, in order (a client or an earlier proxy may have
+    // sent several), then the client's address.
+    let mut value = String::new();
+    for prev in headers.get_all(&xff).iter().filter_map(|v| v.to_str().ok()) {
+        let prev = prev.trim();
+        if !prev.is_empty() {
+            value.push_str(prev);
+            value.push_str(", ");
+        }
+    }
+    value.push_str(&client.to_string());
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(xff, v);
     }
@@ -193,6 +232,16 @@ mod tests {
         assert_eq!(strip_port("a b"), None);
         assert_eq!(strip_port("a:b"), None);
         assert_eq!(strip_port(""), None);
+    }
+
+    #[test]
+    fn dot_segments_are_refused_plain_or_encoded() {
+        for bad in ["/api/../admin", "/..", "/a/./b", "/a/%2e%2E/b", "/a/.%2e", "/%2e/x", "/a/.."] {
+            assert_eq!(check_path(bad), Err(Reject::DotSegment), "{bad}");
+        }
+        for ok in ["/", "/a/b", "/.well-known/acme", "/a/...", "/a/..b", "/%2e%2e%2e", "/a.b/c"] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
     }
 
     #[test]
