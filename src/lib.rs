@@ -180,6 +180,27 @@ impl Server {
             background.clone(),
         );
         shutdown::on_reload_signal(control.clone(), background.clone());
+        {
+            let rt2 = rt.clone();
+            let every = rt.snapshot.load().purge_interval;
+            proxy::ratelimit::spawn_purger(
+                move || {
+                    let snap = rt2.snapshot.load();
+                    let mut out = Vec::new();
+                    for site in &snap.site_list {
+                        for route in &site.routes {
+                            for l in &route.limits {
+                                out.push((site.name.clone(), route.prefix.clone(), l.clone()));
+                            }
+                        }
+                    }
+                    out
+                },
+                every,
+                rt.metrics.ratelimit_tracked.clone(),
+                background.clone(),
+            );
+        }
         self.admin_state.ready.store(true, Ordering::Release);
 
         self.shutdown.cancelled().await;

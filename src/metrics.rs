@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::certstore::{CertStore, ChainEntry};
@@ -53,6 +54,11 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Requests refused before routing (malformed/ambiguous).
     pub bad_requests: IntCounter,
+    /// Requests over a rate limit, by site, route, limit and mode
+    /// (`enforce`: rejected with 429; `shadow`: logged only).
+    pub ratelimit_limited: IntCounterVec,
+    /// Keys tracked per limit (after the last purge).
+    pub ratelimit_tracked: IntGaugeVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -113,8 +119,20 @@ impl Metrics {
             "Requests refused with 400 before routing (ambiguous framing, bad Host)",
         )
         .expect("valid metric");
+        let ratelimit_limited = IntCounterVec::new(
+            Opts::new("portcullis_ratelimit_limited_total", "Requests over a rate limit by site, route, limit and mode"),
+            &["site", "route", "limit", "mode"],
+        )
+        .expect("valid metric");
+        let ratelimit_tracked = IntGaugeVec::new(
+            Opts::new("portcullis_ratelimit_tracked_keys", "Keys tracked per rate limit (after the last purge)"),
+            &["site", "route", "limit"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_limited.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_tracked.clone()),
+            Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(in_flight.clone()),
             Box::new(connections.clone()),
@@ -142,6 +160,8 @@ impl Metrics {
             upstream_errors,
             config_reloads,
             bad_requests,
+            ratelimit_limited,
+            ratelimit_tracked,
         }
     }
 

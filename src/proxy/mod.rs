@@ -56,6 +56,8 @@ pub struct Route {
     pub prefix: String,
     /// What it does.
     pub action: RouteAction,
+    /// Rate limits; state survives reloads that leave a limit unchanged.
+    pub limits: Vec<Arc<ratelimit::Limiter>>,
 }
 
 impl Site {
@@ -80,24 +82,52 @@ pub struct Snapshot {
     pub timeouts: Timeouts,
     /// Limits.
     pub limits: Limits,
+    /// Every site, in config order.
+    pub site_list: Vec<Arc<Site>>,
+    /// Peers whose forwarding headers name the client.
+    pub trusted_proxies: Vec<crate::config::Cidr>,
+    /// Body of a 429.
+    pub limited_body: bytes::Bytes,
+    /// How often idle rate-limit keys are purged.
+    pub purge_interval: Duration,
 }
 
 impl Snapshot {
-    /// Builds the routing snapshot of a validated config.
-    pub fn from_config(config: &Config) -> Snapshot {
+    /// Builds the routing snapshot of a validated config. Rate limiters
+    /// whose site, route and settings are unchanged from `previous` are
+    /// carried over with their state (a reload must not reset buckets).
+    pub fn from_config(config: &Config, previous: Option<&Snapshot>) -> Snapshot {
         let mut sites = HostMap::default();
+        let mut site_list = Vec::new();
+        let max_keys = config.rate_limit.max_keys;
         for s in &config.sites {
+            let old_site = previous.and_then(|p| p.site_list.iter().find(|o| *o.name == *s.name));
             let site = Arc::new(Site {
                 name: s.name.as_str().into(),
                 routes: s
                     .routes
                     .iter()
-                    .map(|r| Route {
-                        prefix: r.path.clone(),
-                        action: r.action.clone(),
+                    .map(|r| {
+                        let old_route = old_site.and_then(|o| o.routes.iter().find(|or| or.prefix == r.path));
+                        let limits = r
+                            .limits
+                            .iter()
+                            .map(|lc| {
+                                old_route
+                                    .and_then(|or| or.limits.iter().find(|l| l.config == *lc))
+                                    .cloned()
+                                    .unwrap_or_else(|| Arc::new(ratelimit::Limiter::new(lc.clone(), max_keys)))
+                            })
+                            .collect();
+                        Route {
+                            prefix: r.path.clone(),
+                            action: r.action.clone(),
+                            limits,
+                        }
                     })
                     .collect(),
             });
+            site_list.push(site.clone());
             for h in &s.hosts {
                 sites.insert(h, site.clone());
             }
@@ -109,6 +139,10 @@ impl Snapshot {
             sites,
             timeouts: config.timeouts.clone(),
             limits: config.limits.clone(),
+            site_list,
+            trusted_proxies: config.rate_limit.trusted_proxies.clone(),
+            limited_body: bytes::Bytes::from(config.rate_limit.body.clone()),
+            purge_interval: config.rate_limit.purge_interval,
         }
     }
 }
@@ -159,7 +193,7 @@ impl Runtime {
             .set_host(false)
             .build(connector);
         Ok(Arc::new(Runtime {
-            snapshot: ArcSwap::from_pointee(Snapshot::from_config(config)),
+            snapshot: ArcSwap::from_pointee(Snapshot::from_config(config, None)),
             certs,
             tls,
             client,

@@ -265,9 +265,10 @@ fn parse_hop(s: &str) -> Option<IpAddr> {
     host.parse().ok()
 }
 
-/// Every limiter in service, purged on a timer (control path).
+/// Purges every limiter in service on a timer and exports the key counts
+/// (control path). `limiters` lists `(site, route, limiter)`.
 pub fn spawn_purger(
-    limiters: impl Fn() -> Vec<(Arc<str>, Arc<Limiter>)> + Send + 'static,
+    limiters: impl Fn() -> Vec<(Arc<str>, String, Arc<Limiter>)> + Send + 'static,
     every: Duration,
     tracked: prometheus::IntGaugeVec,
     stop: tokio_util::sync::CancellationToken,
@@ -282,9 +283,11 @@ pub fn spawn_purger(
                 _ = tick.tick() => {}
             }
             tracked.reset();
-            for (route, lim) in limiters() {
+            for (site, route, lim) in limiters() {
                 let n = lim.purge();
-                tracked.with_label_values(&[&*route, lim.config.name.as_str()]).add(n as i64);
+                tracked
+                    .with_label_values(&[&*site, route.as_str(), lim.config.name.as_str()])
+                    .add(n as i64);
             }
         }
     });
