@@ -64,7 +64,7 @@ fn unknown_key_names_its_full_path_and_the_keys_allowed() {
     assert_eq!(
         config_errors(&toml),
         "{f}:10: sites[0].routes[0].colour: unknown key \"colour\"; remove it or fix its spelling \
-         (expected one of `path`, `upstream`, `strip_prefix`, `preserve_host`, `respond`, `redirect`)"
+         (expected one of `path`, `upstream`, `strip_prefix`, `preserve_host`, `respond`, `redirect`, `rate_limits`)"
     );
     // In the second element of a nested array of tables, and in an inline table.
     let toml = format!(

@@ -45,7 +45,7 @@ struct Access {
 /// Serves one request; never fails (errors become responses).
 pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<TrackedBody>, Infallible> {
     let index = ctx.shared.requests.fetch_add(1, Ordering::AcqRel);
-    ctx.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+    let in_flight = InFlight::start(ctx.clone());
     let mut access = Access {
         start: Instant::now(),
         method: req.method().clone(),
@@ -60,9 +60,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
     let (parts, body) = resp.into_parts();
     let ctx2 = ctx.clone();
     let on_done = Box::new(move |bytes: u64| {
-        let shared = &ctx2.shared;
-        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
-        shared.last_done_ms.store(ctx2.rt.now_ms(), Ordering::Release);
+        drop(in_flight);
         tracing::info!(
             target: "access",
             client = %ctx2.peer.ip(),
@@ -78,6 +76,28 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
         );
     });
     Ok(Response::from_parts(parts, TrackedBody::new(body, on_done)))
+}
+
+/// Counts one request as in flight on its connection until dropped. It
+/// lives in the handler future, then in the response body's `on_done`, so
+/// the count comes back down even when hyper drops the future before any
+/// response exists (an HTTP/2 stream reset while the upstream is slow);
+/// otherwise the connection would look busy forever and never go idle.
+struct InFlight(Arc<ConnCtx>);
+
+impl InFlight {
+    fn start(ctx: Arc<ConnCtx>) -> InFlight {
+        ctx.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(ctx)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let shared = &self.0.shared;
+        shared.last_done_ms.store(self.0.rt.now_ms(), Ordering::Release);
+        shared.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A response whose body is not yet tracked.
@@ -225,14 +245,26 @@ async fn forward(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>, up:
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         if let Some(down) = downstream_upgrade {
             let up_upgrade = hyper::upgrade::on(&mut resp);
+            // A tunnel has no requests to finish: on shutdown it gets the
+            // grace period, then both ends are closed (dropped).
+            let shutdown = ctx.rt.shutdown.clone();
+            let grace = snap.timeouts.shutdown_grace;
             ctx.rt.tracker.spawn(async move {
-                match tokio::try_join!(down, up_upgrade) {
-                    Ok((d, u)) => {
-                        let mut d = TokioIo::new(d);
-                        let mut u = TokioIo::new(u);
-                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                let tunnel = async {
+                    match tokio::try_join!(down, up_upgrade) {
+                        Ok((d, u)) => {
+                            let mut d = TokioIo::new(d);
+                            let mut u = TokioIo::new(u);
+                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
                     }
-                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                };
+                tokio::select! {
+                    _ = tunnel => {}
+                    _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                        tracing::debug!("shutdown grace period over; closing an upgraded connection");
+                    }
                 }
             });
             let (mut parts, _) = resp.into_parts();
