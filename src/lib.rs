@@ -15,7 +15,7 @@
 //! - [`admin`]: the admin listener (health, readiness, metrics, inventory, reload).
 //! - [`metrics`]: the Prometheus registry and the certificate expiry series.
 //! - [`ops`]: on-call commands (`certs`, `inspect`, admin requests).
-//! - [`shutdown`]: signals.
+//! - [`shutdown`]: the signals that stop or reload the server.
 //! - [`hostmap`]: exact / wildcard / default name lookup shared by SNI and
 //!   routing.
 //!

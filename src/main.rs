@@ -323,10 +323,11 @@ fn serve(config: Config) -> Result<ExitCode> {
             let ca = std::fs::canonicalize(&ca).unwrap_or(ca);
             let host = hosts
                 .iter()
-                .find_map(|h| match h {
-                    HostPattern::Exact(h) => Some(h.clone()),
-                    HostPattern::Wildcard(s) => Some(format!("www.{s}")),
+                .map(|h| match h {
+                    HostPattern::Exact(h) => h.clone(),
+                    HostPattern::Wildcard(s) => format!("www.{s}"),
                 })
+                .next()
                 .unwrap_or_else(|| "localhost".into());
             tracing::info!(ca = %ca.display(), "internal CA certificate (trust this file to verify internal certificates)");
             if let Some(addr) = server.https_addrs().first() {

@@ -6,7 +6,7 @@
 //! past `max_keys` new clients share one overflow bucket until the purge
 //! makes room (logged once and counted).
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -125,11 +125,7 @@ impl<C: Clock + Clone> Limiter<C> {
             LimitKey::ClientIp => Key::Ip(client),
             LimitKey::Route => Key::Route,
             LimitKey::Header(h) => match headers.get(h) {
-                Some(v) => {
-                    let mut hasher = self.hasher.build_hasher();
-                    v.as_bytes().hash(&mut hasher);
-                    Key::Header(hasher.finish())
-                }
+                Some(v) => Key::Header(self.hasher.hash_one(v.as_bytes())),
                 None => Key::NoHeader,
             },
         }
