@@ -364,8 +364,6 @@ async fn empty_certificate_file_is_reported() {
 }
 
 #[tokio::test]
-#[ignore = "src/certstore/load.rs prints the missing END marker as a byte list \
-            (\"missing section end marker: [67, 69, ...]\"); un-ignore once parse_chain names it"]
 async fn truncated_certificate_pem_is_reported() {
     let c = CertCase::new();
     let leaf = c.good();

@@ -401,13 +401,9 @@ async fn client_that_stops_reading_is_cut_off_after_response_write_timeout() {
     read_until_closed(&mut tls, LIMIT).await;
 }
 
-// Fails today: src/proxy/handler.rs `handle` adds 1 to `in_flight` and only
-// the response body's `on_done` takes it back; when the client resets an h2
-// stream hyper drops the service future, no body is ever made, and the
-// connection looks busy forever, so the idle timeout never closes it.
-// Un-ignore once the decrement lives in a drop guard created in `handle`.
+// When the client resets an h2 stream hyper drops the service future before
+// any body exists; the in-flight count must still come back down.
 #[tokio::test]
-#[ignore = "handler.rs: in_flight leaks when an h2 request is cancelled (see comment)"]
 async fn idle_timeout_closes_an_h2_connection_whose_request_the_client_cancelled() {
     let pki = Pki::new();
     let (arrived_tx, mut arrived) = mpsc::unbounded_channel();

@@ -188,12 +188,9 @@ async fn plain_request_on_a_websocket_route_still_works() {
     assert_eq!(back, Message::text("again"));
 }
 
-// Fails today: the tunnel task spawned in src/proxy/handler.rs (forward,
-// the 101 branch) runs `copy_bidirectional` with no regard for shutdown, so
-// it outlives `run()` in process. Un-ignore once it races the copy against
-// `rt.shutdown.cancelled()` followed by `sleep(shutdown_grace)`.
+// An upgraded tunnel gets the shutdown grace period like any connection,
+// then closes, so `run()` returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "handler.rs: upgraded tunnels ignore shutdown (see comment)"]
 async fn websocket_tunnel_is_closed_when_the_shutdown_grace_period_ends() {
     let pki = Pki::new();
     let (up, _stop) = ws_echo_upstream().await;

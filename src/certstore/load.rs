@@ -79,7 +79,10 @@ pub fn parse_chain(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static
             Err(e) => {
                 return Err(CertError::Pem {
                     path: path.to_path_buf(),
-                    reason: format!("the PEM is damaged or truncated ({e})"),
+                    reason: format!(
+                        "the PEM is damaged or truncated ({}); copy the complete file again",
+                        describe_pem(&e)
+                    ),
                 })
             }
         }
@@ -107,9 +110,24 @@ pub fn parse_key(pem: &[u8], path: &Path) -> Result<PrivateKeyDer<'static>, Cert
             rustls_pki_types::pem::Error::NoItemsFound => {
                 "no private key found (expected \"-----BEGIN PRIVATE KEY-----\", \"RSA PRIVATE KEY\" or \"EC PRIVATE KEY\")".into()
             }
-            other => format!("the private key PEM is damaged or truncated ({other})"),
+            other => format!(
+                "the private key PEM is damaged or truncated ({}); copy the complete file again",
+                describe_pem(&other)
+            ),
         },
     })
+}
+
+/// A PEM parse error in words (the library's own message prints bytes).
+fn describe_pem(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as E;
+    match e {
+        E::MissingSectionEnd { end_marker } => {
+            format!("\"-----END {}-----\" is missing", String::from_utf8_lossy(end_marker))
+        }
+        E::IllegalSectionStart { line } => format!("bad line \"{}\"", String::from_utf8_lossy(line).trim()),
+        other => other.to_string(),
+    }
 }
 
 /// Validates DER parts and builds the served form.
