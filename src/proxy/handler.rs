@@ -13,7 +13,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::body::{RequestBody, ResponseBody, TrackedBody};
+use super::body::{BodyTimeout, RequestBody, ResponseBody, TrackedBody};
+use super::ratelimit::{self, Decision, Limiter};
+use super::{Route, Site};
+use crate::metrics::{method_label, status_class, Metrics};
 use super::headers::{self, Reject};
 use super::io::ConnShared;
 use super::{Runtime, Snapshot};
@@ -40,6 +43,8 @@ struct Access {
     upstream: Option<String>,
     status: u16,
     version: Version,
+    /// The site and route index that served it (metric labels).
+    routed: Option<(Arc<Site>, usize)>,
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -54,9 +59,11 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
         upstream: None,
         status: 0,
         version: req.version(),
+        routed: None,
     };
     let resp = route_plain(&ctx, req, index, &mut access).await;
     access.status = resp.status().as_u16();
+    record(&ctx.rt.metrics, &access);
     let (parts, body) = resp.into_parts();
     let ctx2 = ctx.clone();
     let on_done = Box::new(move |bytes: u64| {
@@ -88,12 +95,14 @@ struct InFlight(Arc<ConnCtx>);
 impl InFlight {
     fn start(ctx: Arc<ConnCtx>) -> InFlight {
         ctx.shared.in_flight.fetch_add(1, Ordering::AcqRel);
+        ctx.rt.metrics.in_flight.inc();
         InFlight(ctx)
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
+        self.0.rt.metrics.in_flight.dec();
         let shared = &self.0.shared;
         shared.last_done_ms.store(self.0.rt.now_ms(), Ordering::Release);
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
@@ -102,6 +111,72 @@ impl Drop for InFlight {
 
 /// A response whose body is not yet tracked.
 type Plain = Response<ResponseBody>;
+
+/// Counts a request and its time to response head (bounded labels only).
+fn record(m: &Metrics, a: &Access) {
+    let (site, route) = match &a.routed {
+        Some((site, i)) => (&*site.name, site.routes[*i].prefix.as_str()),
+        None => ("-", "-"),
+    };
+    m.requests
+        .with_label_values(&[site, route, method_label(&a.method), status_class(a.status)])
+        .inc();
+    m.latency
+        .with_label_values(&[site, route])
+        .observe(a.start.elapsed().as_secs_f64());
+    if a.status == 400 {
+        m.bad_requests.inc();
+    }
+}
+
+/// Applies a route's rate limits. `Err` is the 429 to send; `Ok` carries
+/// the `RateLimit-Policy` / `RateLimit` headers of the tightest limit.
+fn check_limits(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    site: &Site,
+    route: &Route,
+    headers: &http::HeaderMap,
+) -> Result<Option<(HeaderValue, HeaderValue)>, Plain> {
+    let client = ratelimit::client_ip(ctx.peer.ip(), headers, &snap.trusted_proxies);
+    let mut tightest: Option<(u32, &Limiter, Decision)> = None;
+    for lim in &route.limits {
+        let d = lim.check(lim.key(client, headers));
+        match d {
+            Decision::Deny { retry_after } => {
+                let mode = if lim.config.shadow { "shadow" } else { "enforce" };
+                ctx.rt
+                    .metrics
+                    .ratelimit_limited
+                    .with_label_values(&[&*site.name, route.prefix.as_str(), lim.config.name.as_str(), mode])
+                    .inc();
+                if lim.config.shadow {
+                    tracing::info!(site = %site.name, route = %route.prefix, limit = %lim.config.name, %client, "rate limit exceeded (shadow mode: allowed)");
+                    continue;
+                }
+                tracing::debug!(site = %site.name, route = %route.prefix, limit = %lim.config.name, %client, "rate limited");
+                let mut r = Response::new(ResponseBody::full(snap.limited_body.clone()));
+                *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+                let h = r.headers_mut();
+                h.insert(header::RETRY_AFTER, HeaderValue::from(ratelimit::retry_secs(retry_after)));
+                h.insert(RATELIMIT_POLICY, lim.policy_header().clone());
+                h.insert(RATELIMIT, lim.state_header(&d));
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                return Err(r);
+            }
+            Decision::Allow { remaining } if !lim.config.shadow => {
+                if tightest.as_ref().is_none_or(|(r, _, _)| remaining < *r) {
+                    tightest = Some((remaining, lim, d));
+                }
+            }
+            Decision::Allow { .. } => {}
+        }
+    }
+    Ok(tightest.map(|(_, lim, d)| (lim.policy_header().clone(), lim.state_header(&d))))
+}
+
+const RATELIMIT_POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");
 
 async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: &mut Access) -> Plain {
     if ctx.shared.first_bad_head.load(Ordering::Acquire) == index {
@@ -122,10 +197,20 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
     let Some(site) = snap.sites.lookup(host.as_deref()).cloned() else {
         return short(StatusCode::MISDIRECTED_REQUEST, "no site is configured for this host\n");
     };
-    let Some(route) = site.route(req.uri().path()) else {
+    let Some(route_index) = site.route_index(req.uri().path()) else {
         return short(StatusCode::NOT_FOUND, "not found\n");
     };
-    match &route.action {
+    access.routed = Some((site.clone(), route_index));
+    let route = &site.routes[route_index];
+    let limit_headers = if route.limits.is_empty() {
+        None
+    } else {
+        match check_limits(ctx, &snap, &site, route, req.headers()) {
+            Ok(h) => h,
+            Err(resp) => return resp,
+        }
+    };
+    let mut resp = match &route.action {
         RouteAction::Respond {
             status,
             body,
@@ -155,7 +240,12 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
             access.upstream = Some(up.uri.authority().map(|a| a.to_string()).unwrap_or_default());
             forward(ctx, &snap, req, up, &route.prefix).await
         }
+    };
+    if let Some((policy, state)) = limit_headers {
+        resp.headers_mut().insert(RATELIMIT_POLICY, policy);
+        resp.headers_mut().insert(RATELIMIT, state);
     }
+    resp
 }
 
 fn short(status: StatusCode, msg: &'static str) -> Plain {
@@ -225,15 +315,28 @@ async fn forward(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>, up:
     let req = Request::from_parts(parts, RequestBody::new(body, snap.timeouts.request_body));
 
     let result = tokio::time::timeout(snap.timeouts.upstream_response, ctx.rt.client.request(req)).await;
+    let errors = &ctx.rt.metrics.upstream_errors;
     let mut resp = match result {
         Err(_) => {
+            errors.with_label_values(&["timeout"]).inc();
             tracing::warn!(upstream = %up.uri, "upstream did not answer in time");
             return short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
         }
         Ok(Err(e)) => {
-            let timed_out = is_timeout(&e);
-            tracing::warn!(upstream = %up.uri, error = %error_chain(&e), "upstream request failed");
-            return if timed_out {
+            if has_source::<BodyTimeout>(&e) {
+                // The client stalled its upload: its fault, not the upstream's.
+                return short(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
+            }
+            let kind = if is_timeout(&e) {
+                "timeout"
+            } else if e.is_connect() {
+                "connect"
+            } else {
+                "protocol"
+            };
+            errors.with_label_values(&[kind]).inc();
+            tracing::warn!(upstream = %up.uri, kind, error = %error_chain(&e), "upstream request failed");
+            return if kind == "timeout" {
                 short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
             } else {
                 short(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
@@ -282,6 +385,17 @@ async fn forward(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>, up:
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, ResponseBody::Upstream(body))
+}
+
+fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {

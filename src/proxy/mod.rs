@@ -63,7 +63,12 @@ pub struct Route {
 impl Site {
     /// The first route whose prefix matches `path` on a segment boundary.
     pub fn route(&self, path: &str) -> Option<&Route> {
-        self.routes.iter().find(|r| prefix_matches(&r.prefix, path))
+        self.route_index(path).map(|i| &self.routes[i])
+    }
+
+    /// Index of [`Site::route`]'s answer.
+    pub fn route_index(&self, path: &str) -> Option<usize> {
+        self.routes.iter().position(|r| prefix_matches(&r.prefix, path))
     }
 }
 
@@ -239,8 +244,25 @@ pub async fn serve_https(listener: TcpListener, rt: Arc<Runtime>, stop: Cancella
     tracing::debug!(addr = ?local, "listener closed");
 }
 
+/// Keeps `portcullis_connections_open` right however the connection ends.
+struct OpenConn(prometheus::IntGauge);
+
+impl OpenConn {
+    fn new(g: &prometheus::IntGauge) -> OpenConn {
+        g.inc();
+        OpenConn(g.clone())
+    }
+}
+
+impl Drop for OpenConn {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
     let _ = tcp.set_nodelay(true);
+    let _open = OpenConn::new(&rt.metrics.connections);
     let snap = rt.snapshot.load_full();
     // A handshake still under way when shutdown starts is abandoned: no
     // request has been sent on it yet, and it would otherwise hold the
@@ -250,6 +272,7 @@ async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
         r = accept => match r {
             Ok(s) => s,
             Err(reason) => {
+                rt.metrics.handshake_failures.with_label_values(&[reason.as_str()]).inc();
                 tracing::debug!(%peer, reason = reason.as_str(), "TLS handshake failed");
                 return;
             }
@@ -259,6 +282,12 @@ async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
             return;
         }
     };
+    let version = match stream.get_ref().1.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "other",
+    };
+    rt.metrics.handshakes.with_label_values(&[version]).inc();
     let is_h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
     let sni: Option<Arc<str>> = stream.get_ref().1.server_name().map(Into::into);
     let shared = Arc::new(ConnShared::default());
