@@ -539,3 +539,151 @@ pub fn req_builder(alpn: &[u8], host: &str, path: &str) -> http::request::Builde
         Request::builder().uri(path).header("host", host)
     }
 }
+
+// ---- certificate metrics, inventory and on-call CLI tests ----
+
+/// Unix seconds as an `OffsetDateTime` (whole seconds, so DER dates and
+/// exported timestamps compare exactly).
+pub fn at_unix(secs: i64) -> time::OffsetDateTime {
+    time::OffsetDateTime::from_unix_timestamp(secs).unwrap()
+}
+
+/// Now, in whole Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+impl Pki {
+    /// Like [`Pki::new`], with the intermediate's validity and serial chosen
+    /// by the test (whole seconds), and the CNs given.
+    pub fn with_intermediate(
+        root_cn: &str,
+        inter_cn: &str,
+        inter_serial: &[u8],
+        inter_not_before: time::OffsetDateTime,
+        inter_not_after: time::OffsetDateTime,
+    ) -> Pki {
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca_params(root_cn);
+        let root_cert = root_params.self_signed(&root_key).unwrap();
+        let root = Issuer::new(root_params, root_key);
+        let inter_key = KeyPair::generate().unwrap();
+        let mut inter_params = ca_params(inter_cn);
+        inter_params.use_authority_key_identifier_extension = true;
+        inter_params.not_before = inter_not_before;
+        inter_params.not_after = inter_not_after;
+        inter_params.serial_number = Some(rcgen::SerialNumber::from_slice(inter_serial));
+        let inter_cert = inter_params.signed_by(&inter_key, &root).unwrap();
+        let inter = Issuer::new(inter_params, inter_key);
+        Pki {
+            root_der: root_cert.der().clone(),
+            root_pem: root_cert.pem(),
+            root,
+            inter_der: inter_cert.der().clone(),
+            inter_pem: inter_cert.pem(),
+            inter,
+        }
+    }
+
+    /// A leaf for `names` with an existing private key (PEM), as certbot's
+    /// `--reuse-key` does: a replacement then changes only the chain file.
+    pub fn leaf_with_key(
+        &self,
+        names: &[&str],
+        key_pem: &str,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Leaf {
+        let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+        let mut p = CertificateParams::new(names.clone()).unwrap();
+        p.distinguished_name.push(DnType::CommonName, names[0].clone());
+        p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        p.use_authority_key_identifier_extension = true;
+        p.not_before = not_before;
+        p.not_after = not_after;
+        let mut serial = rand_bytes::<8>().to_vec();
+        serial[0] &= 0x7f;
+        serial[0] |= 0x10;
+        p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
+        let key = KeyPair::from_pem(key_pem).unwrap();
+        let cert = p.signed_by(&key, &self.inter).unwrap();
+        Leaf {
+            chain_pem: format!("{}{}", cert.pem(), self.inter_pem),
+            key_pem: key_pem.to_string(),
+            leaf_der: cert.der().clone(),
+            serial: serial.iter().map(|b| format!("{b:02x}")).collect(),
+            not_after,
+        }
+    }
+}
+
+/// Writes `contents` to `path` the way deploy tools do: a temp file in the
+/// same directory, then a rename over the old one.
+pub fn replace_file(path: &Path, contents: &str) {
+    let tmp = path.with_extension("tmp-replace");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+/// Like [`Proxy::start_in`], and also hands back the certificate store so a
+/// test can `subscribe()` to publish/reject events.
+pub async fn start_with_certs(
+    dir: tempfile::TempDir,
+    toml: &str,
+) -> (Proxy, Arc<portcullis::certstore::CertStore>) {
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, toml).unwrap();
+    let config = portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+    let shutdown = CancellationToken::new();
+    let server = portcullis::Server::bind(config, shutdown.clone()).await.unwrap();
+    let certs = server.certs();
+    let https = server.https_addrs()[0];
+    let http = server.http_addrs().first().copied();
+    let admin = server.admin_addr();
+    let done = tokio::spawn(server.run());
+    let proxy = Proxy {
+        https,
+        http,
+        admin,
+        shutdown,
+        done,
+        dir,
+    };
+    (proxy, certs)
+}
+
+/// Waits (at most `limit`) for a certificate event about `name` that
+/// `pred` accepts; panics on timeout.
+pub async fn wait_cert_event(
+    rx: &mut tokio::sync::broadcast::Receiver<portcullis::certstore::CertEvent>,
+    limit: Duration,
+    mut pred: impl FnMut(&portcullis::certstore::CertEvent) -> bool,
+) -> portcullis::certstore::CertEvent {
+    tokio::time::timeout(limit, async {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if pred(&ev) => return ev,
+                Ok(_) => {}
+                Err(e) => panic!("certificate events: {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no matching certificate event within {limit:?}"))
+}
+
+/// `GET path` on a plain-HTTP/1.1 endpoint (the admin API): status and body.
+pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
