@@ -20,7 +20,7 @@ use crate::metrics::{method_label, status_class, Metrics};
 use super::headers::{self, Reject};
 use super::io::ConnShared;
 use super::{Runtime, Snapshot};
-use crate::config::{RouteAction, UpstreamConfig};
+use crate::config::{LimitKey, RouteAction, UpstreamConfig};
 
 /// Per-connection context shared by its requests.
 pub struct ConnCtx {
@@ -140,7 +140,12 @@ fn check_limits(
 ) -> Result<Option<(HeaderValue, HeaderValue)>, Plain> {
     let client = ratelimit::client_ip(ctx.peer.ip(), headers, &snap.trusted_proxies);
     let mut tightest: Option<(u32, &Limiter, Decision)> = None;
-    for lim in &route.limits {
+    // Per-client limits first: a client over its own limit is refused before
+    // it spends from a limit the whole route shares, so one client cannot
+    // drain everyone's budget with requests that are refused anyway.
+    let shared = |l: &&Arc<Limiter>| l.config.key == LimitKey::Route;
+    let ordered = route.limits.iter().filter(|l| !shared(l)).chain(route.limits.iter().filter(shared));
+    for lim in ordered {
         let d = lim.check(lim.key(client, headers));
         match d {
             Decision::Deny { retry_after } => {

@@ -14,7 +14,9 @@ use std::time::Duration;
 
 use governor::clock::{Clock, QuantaClock};
 use governor::middleware::StateInformationMiddleware;
-use governor::state::keyed::DashMapStateStore;
+use governor::nanos::Nanos;
+use governor::state::keyed::{DashMapStateStore, ShrinkableKeyedStateStore};
+use governor::state::StateStore;
 use governor::{Quota, RateLimiter};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -35,7 +37,42 @@ pub enum Key {
     Overflow,
 }
 
-type Keyed<C> = RateLimiter<Key, DashMapStateStore<Key>, C, StateInformationMiddleware>;
+type Keyed<C> = RateLimiter<Key, Table, C, StateInformationMiddleware>;
+
+/// The key table, shared by governor's limiter and [`Limiter::check`],
+/// which must know whether a client is already tracked once the table is
+/// full (a tracked client keeps its own bucket; only new ones overflow).
+#[derive(Clone, Default)]
+struct Table(Arc<DashMapStateStore<Key>>);
+
+impl StateStore for Table {
+    type Key = Key;
+
+    fn measure_and_replace<T, F, E>(&self, key: &Key, f: F) -> Result<T, E>
+    where
+        F: Fn(Option<Nanos>) -> Result<(T, Nanos), E>,
+    {
+        self.0.measure_and_replace(key, f)
+    }
+}
+
+impl ShrinkableKeyedStateStore<Key> for Table {
+    fn retain_recent(&self, drop_below: Nanos) {
+        ShrinkableKeyedStateStore::retain_recent(&*self.0, drop_below);
+    }
+
+    fn shrink_to_fit(&self) {
+        self.0.shrink_to_fit();
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
 
 /// The outcome of a check.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,6 +94,8 @@ pub struct Limiter<C: Clock = QuantaClock> {
     /// As configured (identity across reloads).
     pub config: RateLimitConfig,
     keyed: Keyed<C>,
+    /// The same table as `keyed`'s, for membership checks.
+    table: Table,
     clock: C,
     /// Seconds for a full burst to refill (the `w` of `RateLimit-Policy`).
     window_secs: u64,
@@ -96,7 +135,8 @@ impl<C: Clock + Clone> Limiter<C> {
     /// A limiter on `clock` (tests use governor's fake clock).
     pub fn with_clock(config: RateLimitConfig, max_keys: usize, clock: C) -> Self {
         let q = quota(&config);
-        let keyed = RateLimiter::dashmap_with_clock(q, clock.clone()).with_middleware::<StateInformationMiddleware>();
+        let table = Table::default();
+        let keyed = RateLimiter::new(q, table.clone(), clock.clone());
         let window = q.burst_size_replenished_in();
         let window_secs = window.as_secs() + u64::from(window.subsec_nanos() > 0);
         let policy = HeaderValue::try_from(format!(
@@ -109,6 +149,7 @@ impl<C: Clock + Clone> Limiter<C> {
         Limiter {
             config,
             keyed,
+            table,
             clock,
             window_secs: window_secs.max(1),
             policy,
@@ -136,7 +177,12 @@ impl<C: Clock + Clone> Limiter<C> {
         if self.since_len.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
             self.full.store(self.keyed.len() >= self.max_keys, Ordering::Relaxed);
         }
-        let key = if self.full.load(Ordering::Relaxed) && matches!(key, Key::Ip(_) | Key::Header(_)) {
+        // Full table: clients already tracked keep their own bucket; new
+        // ones share the overflow bucket (one extra lookup, only while full).
+        let key = if self.full.load(Ordering::Relaxed)
+            && matches!(key, Key::Ip(_) | Key::Header(_))
+            && !self.table.0.contains_key(&key)
+        {
             Key::Overflow
         } else {
             key
@@ -204,49 +250,57 @@ pub fn retry_secs(d: Duration) -> u64 {
 /// The client address: the socket peer, unless the peer is a trusted proxy;
 /// then the right-most address of `X-Forwarded-For` (or `Forwarded: for=`)
 /// that is not itself trusted.
+///
+/// The chain is read from the right, hop by hop, and only as far as the
+/// first untrusted address: everything to its left was written by the
+/// client and is never looked at, so a client behind a trusted proxy cannot
+/// change its key by prepending addresses or garbage. A hop that does not
+/// parse before an untrusted one is found ends the walk at the nearest
+/// address known so far (the peer or a trusted proxy).
 pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &[Cidr]) -> IpAddr {
     let is_trusted = |ip: IpAddr| trusted.iter().any(|c| c.contains(ip));
     if trusted.is_empty() || !is_trusted(peer) {
         return peer;
     }
-    let mut hops: Vec<IpAddr> = Vec::new();
+    // Steps one hop left; `Err` ends the walk with the address to use.
+    let step = |client: &mut IpAddr, hop: &str| -> Result<(), IpAddr> {
+        let ip = parse_hop(hop).ok_or(*client)?;
+        *client = ip;
+        if is_trusted(ip) {
+            Ok(())
+        } else {
+            Err(ip)
+        }
+    };
+    let mut client = peer;
     let xff = headers.get_all(HeaderName::from_static("x-forwarded-for"));
-    for v in xff.iter() {
-        let Ok(v) = v.to_str() else { return peer };
-        for part in v.split(',') {
-            match parse_hop(part) {
-                Some(ip) => hops.push(ip),
-                None => return peer,
+    if xff.iter().next().is_some() {
+        for v in xff.iter().rev() {
+            let Ok(v) = v.to_str() else { return client };
+            for hop in v.rsplit(',') {
+                if let Err(ip) = step(&mut client, hop) {
+                    return ip;
+                }
             }
         }
+        return client;
     }
-    if hops.is_empty() {
-        for v in headers.get_all(header::FORWARDED).iter() {
-            let Ok(v) = v.to_str() else { return peer };
-            for elem in v.split(',') {
-                for pair in elem.split(';') {
-                    if let Some((k, val)) = pair.split_once('=') {
-                        if k.trim().eq_ignore_ascii_case("for") {
-                            match parse_hop(val) {
-                                Some(ip) => hops.push(ip),
-                                None => return peer,
-                            }
-                        }
-                    }
+    for v in headers.get_all(header::FORWARDED).iter().rev() {
+        let Ok(v) = v.to_str() else { return client };
+        for elem in v.rsplit(',') {
+            let hop = elem.split(';').find_map(|pair| {
+                let (k, val) = pair.split_once('=')?;
+                k.trim().eq_ignore_ascii_case("for").then_some(val)
+            });
+            if let Some(hop) = hop {
+                if let Err(ip) = step(&mut client, hop) {
+                    return ip;
                 }
             }
         }
     }
-    let mut client = peer;
-    for ip in hops.iter().rev() {
-        client = *ip;
-        if !is_trusted(*ip) {
-            break;
-        }
-    }
     client
 }
-
 
 /// One hop: `192.0.2.1`, `"[2001:db8::1]:4711"`, `192.0.2.1:80`.
 fn parse_hop(s: &str) -> Option<IpAddr> {
@@ -379,6 +433,26 @@ mod tests {
     }
 
     #[test]
+    fn full_key_table_keeps_tracked_clients_in_their_own_bucket() {
+        let clock = FakeRelativeClock::default();
+        // Burst 2: a tracked client has one request left in its own bucket.
+        let l = Limiter::with_clock(cfg(1, Duration::from_secs(60), 2), 10, clock);
+        for i in 0..10 {
+            assert!(matches!(l.check(ip(i)), Decision::Allow { remaining: 1 }));
+        }
+        l.purge();
+        // New clients drain the overflow bucket...
+        assert!(matches!(l.check(ip(100)), Decision::Allow { .. }));
+        assert!(matches!(l.check(ip(101)), Decision::Allow { .. }));
+        assert!(matches!(l.check(ip(102)), Decision::Deny { .. }));
+        // ...but a client tracked before the table filled is not thrown in
+        // with them: it still has its own last request, then its own 429.
+        assert_eq!(l.check(ip(3)), Decision::Allow { remaining: 0 });
+        assert!(matches!(l.check(ip(3)), Decision::Deny { .. }));
+        assert_eq!(l.check(ip(4)), Decision::Allow { remaining: 0 });
+    }
+
+    #[test]
     fn client_ip_honours_only_trusted_proxies() {
         let trusted = vec![Cidr::parse("10.0.0.0/8").unwrap()];
         let mut h = HeaderMap::new();
@@ -397,6 +471,36 @@ mod tests {
         let mut g = HeaderMap::new();
         g.insert("x-forwarded-for", HeaderValue::from_static("nonsense"));
         assert_eq!(client_ip(proxy, &g, &trusted), proxy);
+    }
+
+    #[test]
+    fn client_ip_ignores_what_the_client_wrote_left_of_its_address() {
+        let trusted = vec![Cidr::parse("10.0.0.0/8").unwrap()];
+        let proxy: IpAddr = "10.0.0.2".parse().unwrap();
+        let client: IpAddr = "198.51.100.7".parse().unwrap();
+        let xff = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", HeaderValue::from_static(v));
+            h
+        };
+        // The proxy appended the real address; anything the client put
+        // before it (garbage, other addresses, ports) does not change it.
+        for spoof in ["nonsense, 198.51.100.7", "203.0.113.1, 198.51.100.7", "unknown,198.51.100.7, 10.9.9.9", ", 198.51.100.7"] {
+            assert_eq!(client_ip(proxy, &xff(spoof), &trusted), client, "{spoof}");
+        }
+        // Repeated header lines read as one list, right-most line last.
+        let mut h = HeaderMap::new();
+        h.append("x-forwarded-for", HeaderValue::from_static("garbage"));
+        h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
+        assert_eq!(client_ip(proxy, &h, &trusted), client);
+        // Garbage before any untrusted hop: the nearest known address.
+        assert_eq!(client_ip(proxy, &xff("198.51.100.7, nonsense, 10.1.1.1"), &trusted), "10.1.1.1".parse::<IpAddr>().unwrap());
+        // Every hop trusted: the left-most one.
+        assert_eq!(client_ip(proxy, &xff("10.3.3.3, 10.1.1.1"), &trusted), "10.3.3.3".parse::<IpAddr>().unwrap());
+        // Forwarded, several elements: right-most untrusted `for=`.
+        let mut f = HeaderMap::new();
+        f.insert(header::FORWARDED, HeaderValue::from_static("for=unknown, for=198.51.100.7;proto=https, for=10.1.1.1"));
+        assert_eq!(client_ip(proxy, &f, &trusted), client);
     }
 
     #[test]

@@ -687,3 +687,71 @@ pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8(body.to_vec()).unwrap())
 }
+
+// ---- rate limit tests: several clients from one host, admin POST ----
+
+/// A TLS connection to `addr` from the local address `from`: every address
+/// of 127.0.0.0/8 is on the loopback interface, so one test can play several
+/// clients (127.0.0.2, 127.0.0.3, ...) against a proxy on 127.0.0.1.
+pub async fn tls_connect_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let sock = if from.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.bind(SocketAddr::new(from, 0))?;
+    let tcp = sock.connect(addr).await?;
+    let name = ServerName::try_from(sni.to_string()).unwrap();
+    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+}
+
+/// Like [`request`], over a fresh connection from the local address `from`.
+pub async fn request_from(
+    from: std::net::IpAddr,
+    addr: SocketAddr,
+    sni: &str,
+    cfg: Arc<rustls::ClientConfig>,
+    req: Request<Full<Bytes>>,
+) -> Result<Got, Box<dyn std::error::Error + Send + Sync>> {
+    let tls = tls_connect_from(from, addr, sni, cfg).await?;
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let io = TokioIo::new(tls);
+    let resp = if h2 {
+        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await?
+    } else {
+        let (mut send, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        send.send_request(req).await?
+    };
+    let status = resp.status().as_u16();
+    let version = resp.version();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    Ok(Got {
+        status,
+        headers,
+        body,
+        version,
+    })
+}
+
+/// `POST path` (empty body) on a plain-HTTP/1.1 endpoint (the admin API):
+/// status and body.
+pub async fn admin_post(addr: SocketAddr, path: &str) -> (u16, String) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    tokio::spawn(conn);
+    let req = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", addr.to_string())
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let resp = send.send_request(req).await.unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8(body.to_vec()).unwrap())
+}
