@@ -124,6 +124,7 @@ fn route_match(c: &mut Criterion) {
                 content_type: String::new(),
             },
             limits: Vec::new(),
+            upstream: None,
         })
         .collect();
     let site = Site {

@@ -227,7 +227,7 @@ impl Control {
         // Publish: certificates, then routes (one swap each).
         self.rt.certs.replace_map(map);
         let old_snap = self.rt.snapshot.load_full();
-        self.rt.snapshot.store(Arc::new(Snapshot::from_config(&new, Some(&old_snap))));
+        self.rt.publish(Snapshot::from_config(&new, Some(&old_snap)));
 
         // Close listeners that went away; open the new ones.
         listeners.retain(|o| {

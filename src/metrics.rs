@@ -165,6 +165,14 @@ impl Metrics {
         }
     }
 
+    /// Adds a collector whose series are computed at scrape time (the
+    /// per-upstream series read the snapshot in service).
+    pub fn register_collector(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric collector not registered");
+        }
+    }
+
     /// The Prometheus text exposition of everything, certificates included.
     pub fn render(&self, certs: &CertStore) -> String {
         let mut buf = Vec::new();

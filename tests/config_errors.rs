@@ -64,7 +64,9 @@ fn unknown_key_names_its_full_path_and_the_keys_allowed() {
     assert_eq!(
         config_errors(&toml),
         "{f}:10: sites[0].routes[0].colour: unknown key \"colour\"; remove it or fix its spelling \
-         (expected one of `path`, `upstream`, `strip_prefix`, `preserve_host`, `respond`, `redirect`, `rate_limits`)"
+         (expected one of `path`, `upstream`, `strip_prefix`, `preserve_host`, `respond`, `redirect`, `rate_limits`, \
+         `upstreams`, `lb`, `protocol`, `ca`, `tls_server_name`, `client_cert`, `client_key`, `retries`, \
+         `retry_budget`, `health_check`, `passive_health`)"
     );
     // In the second element of a nested array of tables, and in an inline table.
     let toml = format!(
@@ -265,7 +267,7 @@ fn several_errors_are_reported_at_once_in_file_order() {
         config_errors(&toml),
         "{f}:4: listeners[0].listen: \"443\" is not an address; write IP:PORT such as \"0.0.0.0:443\" or \
          \"[::]:443\"\n\
-         {f}:9: sites[0].routes[0].upstream: \"ftp://x\": scheme \"ftp\" is not supported; use http://\n\
+         {f}:9: sites[0].routes[0].upstream: \"ftp://x\": scheme \"ftp\" is not supported; use http:// or https://\n\
          {f}:11: timeouts.idle: \"forever\" is not a duration; write a number with a unit: ms, s, m, h or d \
          (e.g. \"30s\")"
     );

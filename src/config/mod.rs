@@ -9,6 +9,7 @@
 
 mod duration;
 mod raw;
+mod upstream;
 mod validate;
 
 use std::fmt;
@@ -20,6 +21,10 @@ use bytes::Bytes;
 use http::{StatusCode, Uri};
 
 pub use duration::parse_duration;
+pub use upstream::{
+    server_name_of, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol, UpstreamTarget, UpstreamTls, MAX_RETRIES,
+    MAX_UPSTREAMS, MAX_WEIGHT, SYSTEM_ROOTS,
+};
 
 /// A validated configuration.
 #[derive(Debug, Clone)]
@@ -283,15 +288,51 @@ pub enum RouteAction {
     },
 }
 
-/// An upstream to forward to.
-#[derive(Debug, Clone)]
+/// The upstream group a route forwards to.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamConfig {
-    /// `http://host:port` (scheme and authority only).
-    pub uri: Uri,
+    /// The upstreams (at least one), in file order.
+    pub targets: Vec<UpstreamTarget>,
     /// Remove the route prefix from the path before forwarding.
     pub strip_prefix: bool,
     /// Send the client's `Host` upstream (default) instead of the upstream's.
     pub preserve_host: bool,
+    /// How a request picks its upstream.
+    pub lb: LbPolicy,
+    /// HTTP version spoken to the upstreams.
+    pub protocol: UpstreamProtocol,
+    /// TLS settings, when any upstream is `https://`.
+    pub tls: Option<UpstreamTls>,
+    /// Active health checks, when configured.
+    pub health_check: Option<HealthCheck>,
+    /// Passive health checks on real traffic.
+    pub passive: PassiveHealth,
+    /// Retries on another upstream after a connect failure or a reset
+    /// before any response (idempotent methods, or nothing sent).
+    pub retries: u32,
+    /// No retry starts later than this after the request's first attempt.
+    pub retry_budget: Duration,
+}
+
+impl UpstreamConfig {
+    /// One plain-HTTP/1.1 upstream with every default (`reverse-proxy`).
+    pub fn single(uri: Uri) -> UpstreamConfig {
+        UpstreamConfig {
+            targets: vec![UpstreamTarget {
+                uri,
+                weight: std::num::NonZeroU32::MIN,
+            }],
+            strip_prefix: false,
+            preserve_host: true,
+            lb: LbPolicy::RoundRobin,
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+            health_check: None,
+            passive: PassiveHealth::OFF,
+            retries: 2,
+            retry_budget: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Timeouts; every one has a default an operator would expect.
@@ -440,11 +481,7 @@ impl Config {
                 default: true,
                 routes: vec![RouteConfig {
                     path: "/".into(),
-                    action: RouteAction::Proxy(UpstreamConfig {
-                        uri: to,
-                        strip_prefix: false,
-                        preserve_host: true,
-                    }),
+                    action: RouteAction::Proxy(UpstreamConfig::single(to)),
                     limits: Vec::new(),
                 }],
             }],

@@ -102,6 +102,48 @@ pub(crate) struct RawRoute {
     pub redirect: Option<Spanned<RawRedirect>>,
     #[serde(default)]
     pub rate_limits: Vec<Spanned<RawLimit>>,
+    /// Several upstreams: `"http://host:port"` or `{ url = "...", weight = 3 }`
+    /// each; read by hand so each element keeps its line.
+    pub upstreams: Option<Spanned<Vec<Spanned<toml::Value>>>>,
+    /// `round_robin` (default), `least_requests`, `p2c`, `hash_ip`, `hash_header:NAME`.
+    pub lb: Option<Spanned<String>>,
+    /// `http1` (default), `h2c` or `h2`.
+    pub protocol: Option<Spanned<String>>,
+    /// CA bundle for `https://` upstreams (default: the system bundle).
+    pub ca: Option<Spanned<String>>,
+    /// SNI and verified name for `https://` upstreams (default: the URL host).
+    pub tls_server_name: Option<Spanned<String>>,
+    /// Client certificate chain for mTLS to the upstreams.
+    pub client_cert: Option<Spanned<String>>,
+    /// Its private key.
+    pub client_key: Option<Spanned<String>>,
+    /// Retries on another upstream (connect failure, reset before a response).
+    pub retries: Option<Spanned<i64>>,
+    /// No retry starts later than this after the first attempt.
+    pub retry_budget: Option<Spanned<String>>,
+    /// Active health checks of the route's upstreams.
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    /// Passive health checks (failures seen on real traffic).
+    pub passive_health: Option<Spanned<RawPassiveHealth>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawHealthCheck {
+    pub path: Option<Spanned<String>>,
+    pub status: Option<Spanned<i64>>,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub healthy_threshold: Option<Spanned<i64>>,
+    pub unhealthy_threshold: Option<Spanned<i64>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawPassiveHealth {
+    pub failures: Option<Spanned<i64>>,
+    pub window: Option<Spanned<String>>,
+    pub cooldown: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

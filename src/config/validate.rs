@@ -7,11 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{StatusCode, Uri};
+use http::StatusCode;
 use toml::Spanned;
 
 use super::raw::*;
 use super::*;
+
+mod upstream;
 
 /// Collects errors with their line numbers.
 struct Ctx<'a> {
@@ -621,7 +623,7 @@ fn build_sites(
         let mut routes = Vec::new();
         let mut paths: HashSet<String> = HashSet::new();
         for (j, r) in s.routes.iter().enumerate() {
-            if let Some(route) = build_route(cx, r, i, j) {
+            if let Some(route) = build_route(cx, r, i, j, resolve) {
                 if !paths.insert(route.path.clone()) {
                     let span = r.get_ref().path.as_ref().map(|p| p.span()).unwrap_or(r.span());
                     cx.err(
@@ -761,7 +763,13 @@ fn parse_tls(
     }
 }
 
-fn build_route(cx: &mut Ctx<'_>, r: &Spanned<RawRoute>, i: usize, j: usize) -> Option<RouteConfig> {
+fn build_route(
+    cx: &mut Ctx<'_>,
+    r: &Spanned<RawRoute>,
+    i: usize,
+    j: usize,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Option<RouteConfig> {
     let span = r.span();
     let r = r.get_ref();
     let prefix = format!("sites[{i}].routes[{j}]");
@@ -777,7 +785,8 @@ fn build_route(cx: &mut Ctx<'_>, r: &Spanned<RawRoute>, i: usize, j: usize) -> O
         }
         Some(p) => p.get_ref().clone(),
     };
-    let actions = r.upstream.is_some() as u8 + r.respond.is_some() as u8 + r.redirect.is_some() as u8;
+    let proxies = r.upstream.is_some() || r.upstreams.is_some();
+    let actions = proxies as u8 + r.respond.is_some() as u8 + r.redirect.is_some() as u8;
     if actions != 1 {
         cx.err(
             &span,
@@ -790,21 +799,22 @@ fn build_route(cx: &mut Ctx<'_>, r: &Spanned<RawRoute>, i: usize, j: usize) -> O
         );
         return None;
     }
-    if r.upstream.is_none() && (r.strip_prefix.is_some() || r.preserve_host.is_some()) {
+    if !proxies && (r.strip_prefix.is_some() || r.preserve_host.is_some()) {
         cx.err(
             &span,
             &prefix,
             "strip_prefix and preserve_host only apply to upstream routes; remove them",
         );
     }
-    let action = if let Some(u) = &r.upstream {
-        let field = format!("{prefix}.upstream");
-        let uri = parse_upstream(u.get_ref()).map_err(|e| cx.err(&u.span(), &field, e)).ok()?;
-        RouteAction::Proxy(UpstreamConfig {
-            uri,
-            strip_prefix: r.strip_prefix.unwrap_or(false),
-            preserve_host: r.preserve_host.unwrap_or(true),
-        })
+    if !proxies && upstream::has_upstream_only_keys(r) {
+        cx.err(
+            &span,
+            &prefix,
+            "lb, protocol, ca, tls_server_name, client_cert, client_key, retries, retry_budget, health_check and passive_health only apply to upstream routes; remove them",
+        );
+    }
+    let action = if proxies {
+        RouteAction::Proxy(upstream::build(cx, r, &span, &prefix, resolve)?)
     } else if let Some(resp) = &r.respond {
         let resp_span = resp.span();
         let resp = resp.get_ref();
@@ -863,40 +873,4 @@ fn build_route(cx: &mut Ctx<'_>, r: &Spanned<RawRoute>, i: usize, j: usize) -> O
     };
     let limits = build_limits(cx, &r.rate_limits, &prefix);
     Some(RouteConfig { path, action, limits })
-}
-
-/// `http://host:port` with no path, query or credentials.
-fn parse_upstream(s: &str) -> Result<Uri, String> {
-    let bad = || format!("\"{s}\" is not a URL; write it as \"http://host:port\"");
-    let uri: Uri = s.parse().map_err(|_| bad())?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(format!(
-                "\"{s}\": https upstreams are not available in this version; use http://"
-            ))
-        }
-        Some(other) => return Err(format!("\"{s}\": scheme \"{other}\" is not supported; use http://")),
-        None => return Err(bad()),
-    }
-    let Some(auth) = uri.authority() else {
-        return Err(bad());
-    };
-    if auth.as_str().contains('@') {
-        return Err(format!("\"{s}\": credentials in the URL are not supported; remove \"user@\""));
-    }
-    if auth.host().is_empty() {
-        return Err(bad());
-    }
-    if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
-        return Err(format!(
-            "\"{s}\": an upstream URL takes no path; the request path is forwarded as is (use strip_prefix = true to drop the route prefix)"
-        ));
-    }
-    Uri::builder()
-        .scheme("http")
-        .authority(auth.as_str())
-        .path_and_query("/")
-        .build()
-        .map_err(|_| bad())
 }

@@ -9,18 +9,17 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 
-use super::body::{BodyTimeout, RequestBody, ResponseBody, TrackedBody};
+use super::body::{ResponseBody, TrackedBody};
 use super::ratelimit::{self, Decision, Limiter};
 use super::{Route, Site};
 use crate::metrics::{method_label, status_class, Metrics};
 use super::headers::{self, Reject};
 use super::io::ConnShared;
 use super::{Runtime, Snapshot};
-use crate::config::{LimitKey, RouteAction, UpstreamConfig};
+use crate::config::{LimitKey, RouteAction};
 
 /// Per-connection context shared by its requests.
 pub struct ConnCtx {
@@ -41,6 +40,8 @@ struct Access {
     host: String,
     path: String,
     upstream: Option<String>,
+    /// Counts the request on its upstream until the response body ends.
+    upstream_in_flight: Option<super::upstream::InFlight>,
     status: u16,
     version: Version,
     /// The site and route index that served it (metric labels).
@@ -57,6 +58,7 @@ pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Respons
         host: String::new(),
         path: req.uri().path().to_string(),
         upstream: None,
+        upstream_in_flight: None,
         status: 0,
         version: req.version(),
         routed: None,
@@ -241,9 +243,14 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
             }
             r
         }
-        RouteAction::Proxy(up) => {
-            access.upstream = Some(up.uri.authority().map(|a| a.to_string()).unwrap_or_default());
-            forward(ctx, &snap, req, up, &route.prefix).await
+        RouteAction::Proxy(_) => {
+            let Some(group) = &route.upstream else {
+                return short(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
+            };
+            let out = super::upstream::forward::forward(&ctx.rt, ctx.peer.ip(), &snap, group, req).await;
+            access.upstream = out.upstream.map(|u| u.to_string());
+            access.upstream_in_flight = out.in_flight;
+            out.resp
         }
     };
     if let Some((policy, state)) = limit_headers {
@@ -266,166 +273,4 @@ fn bad_request(r: Reject) -> Plain {
     resp.headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
     resp
-}
-
-/// Sends the request upstream and streams the answer back.
-async fn forward(ctx: &ConnCtx, snap: &Snapshot, mut req: Request<Incoming>, up: &UpstreamConfig, prefix: &str) -> Plain {
-    let upgrade = headers::is_upgrade(&req);
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
-    let (mut parts, body) = req.into_parts();
-
-    // Target URI: upstream scheme + authority, request path (maybe stripped) + query.
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let pq = if up.strip_prefix && prefix != "/" {
-        let rest = &pq[prefix.trim_end_matches('/').len().min(pq.len())..];
-        if rest.starts_with('/') {
-            rest.to_string()
-        } else {
-            format!("/{rest}")
-        }
-    } else {
-        pq.to_string()
-    };
-    let mut target = up.uri.clone().into_parts();
-    target.path_and_query = match pq.parse() {
-        Ok(p) => Some(p),
-        Err(_) => return bad_request(Reject::HeaderBytes),
-    };
-    let Ok(uri) = Uri::from_parts(target) else {
-        return bad_request(Reject::HeaderBytes);
-    };
-
-    let original_host = parts
-        .headers
-        .get(header::HOST)
-        .cloned()
-        .or_else(|| parts.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()));
-    headers::strip_hop_by_hop(&mut parts.headers);
-    headers::add_forwarded(&mut parts.headers, ctx.peer.ip(), original_host.as_ref(), parts.version);
-    let host = if up.preserve_host {
-        original_host
-    } else {
-        up.uri.authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    };
-    if let Some(h) = host {
-        parts.headers.insert(header::HOST, h);
-    }
-    if let (true, Some(proto)) = (upgrade, upgrade_proto) {
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        parts.headers.insert(header::UPGRADE, proto);
-    }
-    parts.uri = uri;
-    parts.version = Version::HTTP_11;
-    let req = Request::from_parts(parts, RequestBody::new(body, snap.timeouts.request_body));
-
-    let result = tokio::time::timeout(snap.timeouts.upstream_response, ctx.rt.client.request(req)).await;
-    let errors = &ctx.rt.metrics.upstream_errors;
-    let mut resp = match result {
-        Err(_) => {
-            errors.with_label_values(&["timeout"]).inc();
-            tracing::warn!(upstream = %up.uri, "upstream did not answer in time");
-            return short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n");
-        }
-        Ok(Err(e)) => {
-            if has_source::<BodyTimeout>(&e) {
-                // The client stalled its upload: its fault, not the upstream's.
-                return short(StatusCode::REQUEST_TIMEOUT, "request body timed out\n");
-            }
-            let kind = if is_timeout(&e) {
-                "timeout"
-            } else if e.is_connect() {
-                "connect"
-            } else {
-                "protocol"
-            };
-            errors.with_label_values(&[kind]).inc();
-            tracing::warn!(upstream = %up.uri, kind, error = %error_chain(&e), "upstream request failed");
-            return if kind == "timeout" {
-                short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
-            } else {
-                short(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
-            };
-        }
-        Ok(Ok(r)) => r,
-    };
-
-    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        if let Some(down) = downstream_upgrade {
-            let up_upgrade = hyper::upgrade::on(&mut resp);
-            // A tunnel has no requests to finish: on shutdown it gets the
-            // grace period, then both ends are closed (dropped).
-            let shutdown = ctx.rt.shutdown.clone();
-            let grace = snap.timeouts.shutdown_grace;
-            ctx.rt.tracker.spawn(async move {
-                let tunnel = async {
-                    match tokio::try_join!(down, up_upgrade) {
-                        Ok((d, u)) => {
-                            let mut d = TokioIo::new(d);
-                            let mut u = TokioIo::new(u);
-                            let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
-                        }
-                        Err(e) => tracing::debug!(error = %e, "upgrade failed"),
-                    }
-                };
-                tokio::select! {
-                    _ = tunnel => {}
-                    _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
-                        tracing::debug!("shutdown grace period over; closing an upgraded connection");
-                    }
-                }
-            });
-            let (mut parts, _) = resp.into_parts();
-            let proto = parts.headers.get(header::UPGRADE).cloned();
-            headers::strip_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            if let Some(p) = proto {
-                parts.headers.insert(header::UPGRADE, p);
-            }
-            return Response::from_parts(parts, ResponseBody::Empty);
-        }
-        return short(StatusCode::BAD_GATEWAY, "upstream switched protocols unasked\n");
-    }
-
-    let (mut parts, body) = resp.into_parts();
-    headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::Upstream(body))
-}
-
-fn has_source<T: std::error::Error + 'static>(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<T>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        if err.to_string().contains("timed out") || err.to_string().contains("timeout") {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        s.push_str(": ");
-        s.push_str(&err.to_string());
-        cur = err.source();
-    }
-    s
 }

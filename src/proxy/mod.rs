@@ -12,6 +12,7 @@ pub mod io;
 pub mod ratelimit;
 pub mod redirect;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,8 +24,6 @@ use std::time::{Duration, Instant};
 use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use rustls::ServerConfig;
@@ -58,6 +57,9 @@ pub struct Route {
     pub action: RouteAction,
     /// Rate limits; state survives reloads that leave a limit unchanged.
     pub limits: Vec<Arc<ratelimit::Limiter>>,
+    /// The upstream group of a forwarding route; its upstreams' health
+    /// and clients survive reloads that keep them.
+    pub upstream: Option<Arc<upstream::Group>>,
 }
 
 impl Site {
@@ -107,8 +109,9 @@ impl Snapshot {
         let max_keys = config.rate_limit.max_keys;
         for s in &config.sites {
             let old_site = previous.and_then(|p| p.site_list.iter().find(|o| *o.name == *s.name));
+            let name: Arc<str> = s.name.as_str().into();
             let site = Arc::new(Site {
-                name: s.name.as_str().into(),
+                name: name.clone(),
                 routes: s
                     .routes
                     .iter()
@@ -124,10 +127,22 @@ impl Snapshot {
                                     .unwrap_or_else(|| Arc::new(ratelimit::Limiter::new(lc.clone(), max_keys)))
                             })
                             .collect();
+                        let upstream = match &r.action {
+                            RouteAction::Proxy(up) => Some(upstream::Group::reuse_or_build(
+                                &name,
+                                &r.path,
+                                up,
+                                &config.timeouts,
+                                &config.limits,
+                                old_route.and_then(|or| or.upstream.as_ref()),
+                            )),
+                            _ => None,
+                        };
                         Route {
                             prefix: r.path.clone(),
                             action: r.action.clone(),
                             limits,
+                            upstream,
                         }
                     })
                     .collect(),
@@ -150,10 +165,15 @@ impl Snapshot {
             purge_interval: config.rate_limit.purge_interval,
         }
     }
-}
 
-/// Upstream HTTP client with a keep-alive pool.
-pub type UpstreamClient = Client<HttpConnector, RequestBody>;
+    /// Every upstream group, in config order.
+    pub fn groups(&self) -> impl Iterator<Item = &Arc<upstream::Group>> {
+        self.site_list
+            .iter()
+            .flat_map(|s| s.routes.iter())
+            .filter_map(|r| r.upstream.as_ref())
+    }
+}
 
 /// State shared by every listener and connection.
 pub struct Runtime {
@@ -163,8 +183,9 @@ pub struct Runtime {
     pub certs: Arc<CertStore>,
     /// The process's one TLS config.
     pub tls: Arc<ServerConfig>,
-    /// Pooled upstream client.
-    pub client: UpstreamClient,
+    /// Active health-check tasks of the upstream groups in service;
+    /// [`Runtime::publish`] keeps them in step with the snapshot.
+    pub health: upstream::HealthChecks,
     /// Caps concurrent downstream connections.
     pub conn_limit: Arc<Semaphore>,
     /// Every connection task, so shutdown can wait for them.
@@ -186,28 +207,28 @@ impl Runtime {
         shutdown: CancellationToken,
     ) -> Result<Arc<Runtime>, rustls::Error> {
         let tls = tls::server_config(certs.clone())?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.timeouts.upstream_connect));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_timer(TokioTimer::new())
-            .timer(TokioTimer::new())
-            .pool_idle_timeout(config.timeouts.upstream_idle)
-            .pool_max_idle_per_host(config.limits.max_upstream_idle_per_host)
-            .set_host(false)
-            .build(connector);
-        Ok(Arc::new(Runtime {
+        let rt = Arc::new(Runtime {
             snapshot: ArcSwap::from_pointee(Snapshot::from_config(config, None)),
             certs,
             tls,
-            client,
+            health: upstream::HealthChecks::default(),
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             tracker: TaskTracker::new(),
             shutdown,
             epoch: Instant::now(),
             metrics,
-        }))
+        });
+        rt.metrics
+            .register_collector(Box::new(upstream::Collector::new(Arc::downgrade(&rt))));
+        rt.health.sync(rt.snapshot.load().groups(), &rt.shutdown);
+        Ok(rt)
+    }
+
+    /// Puts `snap` in service (one swap) and restarts the health checks
+    /// of the upstream groups that changed.
+    pub fn publish(&self, snap: Snapshot) {
+        self.snapshot.store(Arc::new(snap));
+        self.health.sync(self.snapshot.load().groups(), &self.shutdown);
     }
 
     fn now_ms(&self) -> u64 {

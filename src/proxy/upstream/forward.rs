@@ -1,0 +1,437 @@
+//! Sends a request to an upstream group and streams the answer back,
+//! retrying on another upstream when that is safe. Hot path.
+//!
+//! When a retry is safe:
+//! - the connect failed (TCP or TLS): nothing was sent, so any method;
+//! - the connection was reset or closed before a response head arrived:
+//!   idempotent methods only (GET, HEAD, OPTIONS, PUT, DELETE, TRACE);
+//! - never once the upstream started answering (a response head, or bytes
+//!   that failed to parse as one), and never after the response timeout
+//!   (the upstream may still be working on it).
+//!
+//! Request bodies stream, so a request with a body can only be sent again
+//! if the first attempt never read any of it: [`UpstreamBody`] hands an
+//! unread body back when the attempt drops it. A body that was read (even
+//! partly) makes the request final. A bodyless request can always be
+//! rebuilt. Retries go to upstreams not yet tried for this request, at
+//! most `retries` of them, and none starts after `retry_budget`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+
+use super::balance;
+use super::client::UpstreamBody;
+use super::health::{self, InFlight};
+use super::Group;
+use crate::config::{LbPolicy, MAX_RETRIES};
+use crate::proxy::body::{BodyTimeout, RequestBody, ResponseBody};
+use crate::proxy::headers;
+use crate::proxy::{Runtime, Snapshot};
+
+/// What forwarding produced.
+pub(crate) struct Outcome {
+    /// The response for the client.
+    pub resp: Response<ResponseBody>,
+    /// The upstream that answered (or failed last), for the access log.
+    pub upstream: Option<Arc<str>>,
+    /// Counts the request in flight on its upstream until the response
+    /// body is done (held by the caller alongside the body).
+    pub in_flight: Option<InFlight>,
+}
+
+fn short(status: StatusCode, msg: &'static str) -> Response<ResponseBody> {
+    let mut r = Response::new(ResponseBody::full(Bytes::from_static(msg.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn outcome(resp: Response<ResponseBody>, upstream: Option<Arc<str>>) -> Outcome {
+    Outcome {
+        resp,
+        upstream,
+        in_flight: None,
+    }
+}
+
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// The hash key of a request for the hash policies (0 otherwise).
+fn hash_key(group: &Group, peer: IpAddr, headers: &http::HeaderMap, snap: &Snapshot) -> u64 {
+    let ip = || {
+        balance::hash_ip(crate::proxy::ratelimit::client_ip(
+            peer,
+            headers,
+            &snap.trusted_proxies,
+        ))
+    };
+    match &group.config.lb {
+        LbPolicy::HashIp => ip(),
+        LbPolicy::HashHeader(h) => headers
+            .get(h)
+            .map_or_else(ip, |v| balance::hash_bytes(v.as_bytes())),
+        _ => 0,
+    }
+}
+
+/// Forwards `req` (already checked and routed) to one of `group`'s upstreams.
+pub(crate) async fn forward(
+    rt: &Runtime,
+    peer: IpAddr,
+    snap: &Snapshot,
+    group: &Group,
+    mut req: Request<Incoming>,
+) -> Outcome {
+    let cfg = &group.config;
+    let prefix: &str = &group.route;
+    let upgrade = headers::is_upgrade(&req);
+    if upgrade && group.is_h2() {
+        return outcome(
+            short(
+                StatusCode::BAD_GATEWAY,
+                "protocol upgrades need an HTTP/1.1 upstream\n",
+            ),
+            None,
+        );
+    }
+    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
+    let key = hash_key(group, peer, req.headers(), snap);
+    let (mut parts, body) = req.into_parts();
+
+    // Path (maybe stripped) + query.
+    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let pq = if cfg.strip_prefix && prefix != "/" {
+        let rest = &pq[prefix.trim_end_matches('/').len().min(pq.len())..];
+        if rest.starts_with('/') {
+            rest.to_string()
+        } else {
+            format!("/{rest}")
+        }
+    } else {
+        pq.to_string()
+    };
+    let Ok(pq) = pq.parse::<PathAndQuery>() else {
+        return outcome(
+            short(
+                StatusCode::BAD_REQUEST,
+                headers::Reject::HeaderBytes.message(),
+            ),
+            None,
+        );
+    };
+
+    let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    headers::strip_hop_by_hop(&mut parts.headers);
+    headers::add_forwarded(
+        &mut parts.headers,
+        peer,
+        original_host.as_ref(),
+        parts.version,
+    );
+    if let (true, Some(proto)) = (upgrade, upgrade_proto) {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts.headers.insert(header::UPGRADE, proto);
+    }
+    // HTTP/2 carries the host as :authority (in the URI), not as Host.
+    let h2 = group.is_h2();
+    if h2 {
+        parts.headers.remove(header::HOST);
+    }
+    let preserved = if cfg.preserve_host {
+        original_host
+    } else {
+        None
+    };
+
+    // A bodyless request can be rebuilt for every attempt; a body only
+    // while it is unread (see the module doc).
+    let mut body = (!http_body::Body::is_end_stream(&body))
+        .then(|| RequestBody::new(body, snap.timeouts.request_body));
+    let has_body = body.is_some();
+    let may_retry = cfg.retries > 0 && group.upstreams.len() > 1;
+    let start = Instant::now();
+    let mut tried = [0usize; MAX_RETRIES as usize + 1];
+    let mut attempts = 0usize;
+    let errors = &rt.metrics.upstream_errors;
+    loop {
+        let now = health::now_ms();
+        let Some(i) = group.pick(key, &tried[..attempts], now) else {
+            // Only reached on the first attempt: a retry is only tried
+            // after checking that another upstream is in service.
+            return all_down(group, now);
+        };
+        let up = &group.upstreams[i];
+        let in_flight = InFlight::start(&up.state);
+        let (attempt_body, back) = match body.take() {
+            Some(b) => {
+                let (b, rx) = UpstreamBody::returnable(b);
+                (b, Some(rx))
+            }
+            None => (UpstreamBody::empty(), None),
+        };
+        let mut out = Request::new(attempt_body);
+        *out.method_mut() = parts.method.clone();
+        *out.version_mut() = Version::HTTP_11;
+        *out.headers_mut() = if may_retry {
+            parts.headers.clone()
+        } else {
+            std::mem::take(&mut parts.headers)
+        };
+        let host = preserved.clone().unwrap_or_else(|| up.authority.clone());
+        *out.uri_mut() = if h2 {
+            let authority = Authority::try_from(host.as_bytes()).unwrap_or_else(|_| {
+                Authority::try_from(up.label.as_bytes())
+                    .unwrap_or_else(|_| Authority::from_static("invalid"))
+            });
+            let scheme = if up.target.is_https() {
+                Scheme::HTTPS
+            } else {
+                Scheme::HTTP
+            };
+            Uri::from_parts({
+                let mut p = http::uri::Parts::default();
+                p.scheme = Some(scheme);
+                p.authority = Some(authority);
+                p.path_and_query = Some(pq.clone());
+                p
+            })
+            .unwrap_or_else(|_| up.target.uri.clone())
+        } else {
+            out.headers_mut().insert(header::HOST, host);
+            let mut p = up.target.uri.clone().into_parts();
+            p.path_and_query = Some(pq.clone());
+            Uri::from_parts(p).unwrap_or_else(|_| up.target.uri.clone())
+        };
+
+        let result =
+            tokio::time::timeout(snap.timeouts.upstream_response, up.client.request(out)).await;
+        let now = health::now_ms();
+        let e = match result {
+            Ok(Ok(resp)) => {
+                up.state.count_status(resp.status());
+                if resp.status().is_server_error() {
+                    up.state.passive_failure(&cfg.passive, now, up, group);
+                } else {
+                    up.state.passive_success(now, up, group);
+                }
+                let resp = respond(rt, snap, resp, downstream_upgrade);
+                return Outcome {
+                    resp,
+                    upstream: Some(up.label.clone()),
+                    in_flight: Some(in_flight),
+                };
+            }
+            Err(_) => {
+                up.state.count_error();
+                up.state.passive_failure(&cfg.passive, now, up, group);
+                errors.with_label_values(&["timeout"]).inc();
+                tracing::warn!(upstream = %up.label, "upstream did not answer in time");
+                return outcome(
+                    short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
+                    Some(up.label.clone()),
+                );
+            }
+            Ok(Err(e)) => e,
+        };
+        drop(in_flight);
+        if has_source::<BodyTimeout>(&e) {
+            // The client stalled its upload: its fault, not the upstream's.
+            return outcome(
+                short(StatusCode::REQUEST_TIMEOUT, "request body timed out\n"),
+                Some(up.label.clone()),
+            );
+        }
+        let timed_out = is_timeout(&e);
+        let kind = if timed_out {
+            "timeout"
+        } else if e.is_connect() {
+            "connect"
+        } else {
+            "protocol"
+        };
+        up.state.count_error();
+        up.state.passive_failure(&cfg.passive, now, up, group);
+        errors.with_label_values(&[kind]).inc();
+        // Nothing sent (connect failure): any method. Reset before a
+        // response: idempotent methods. Never once the upstream answered.
+        let mut retry = may_retry
+            && (e.is_connect()
+                || (is_idempotent(&parts.method) && !timed_out && !response_started(&e)));
+        if has_body {
+            match back.and_then(|mut rx| rx.try_recv().ok()) {
+                Some(b) => body = Some(b),
+                // Read, even partly: the request cannot be sent again.
+                None => retry = false,
+            }
+        }
+        tried[attempts] = i;
+        attempts += 1;
+        let retry = retry
+            && attempts <= cfg.retries as usize
+            && start.elapsed() < cfg.retry_budget
+            && group.pick(key, &tried[..attempts], now).is_some();
+        if retry {
+            up.state
+                .retried
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(upstream = %up.label, kind, error = %error_chain(&e), "upstream request failed; retrying on another upstream");
+            continue;
+        }
+        tracing::warn!(upstream = %up.label, kind, error = %error_chain(&e), "upstream request failed");
+        let resp = if timed_out {
+            short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
+        } else {
+            short(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
+        };
+        return outcome(resp, Some(up.label.clone()));
+    }
+}
+
+/// 503 with `Retry-After` when every upstream of the group is out.
+fn all_down(group: &Group, now: u64) -> Outcome {
+    let secs = health::retry_after(group, now);
+    tracing::warn!(site = %group.site, route = %group.route, retry_after = secs, "no upstream in service");
+    let mut r = short(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "no upstream is available\n",
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    outcome(r, None)
+}
+
+/// The client's response: hop-by-hop headers removed; a `101` becomes a
+/// tunnel between the two upgraded connections.
+fn respond(
+    rt: &Runtime,
+    snap: &Snapshot,
+    mut resp: Response<Incoming>,
+    downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
+) -> Response<ResponseBody> {
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(down) = downstream_upgrade else {
+            return short(
+                StatusCode::BAD_GATEWAY,
+                "upstream switched protocols unasked\n",
+            );
+        };
+        let up_upgrade = hyper::upgrade::on(&mut resp);
+        // A tunnel has no requests to finish: on shutdown it gets the
+        // grace period, then both ends are closed (dropped).
+        let shutdown = rt.shutdown.clone();
+        let grace = snap.timeouts.shutdown_grace;
+        rt.tracker.spawn(async move {
+            let tunnel = async {
+                match tokio::try_join!(down, up_upgrade) {
+                    Ok((d, u)) => {
+                        let mut d = TokioIo::new(d);
+                        let mut u = TokioIo::new(u);
+                        let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+                    }
+                    Err(e) => tracing::debug!(error = %e, "upgrade failed"),
+                }
+            };
+            tokio::select! {
+                _ = tunnel => {}
+                _ = async { shutdown.cancelled().await; tokio::time::sleep(grace).await } => {
+                    tracing::debug!("shutdown grace period over; closing an upgraded connection");
+                }
+            }
+        });
+        let (mut parts, _) = resp.into_parts();
+        let proto = parts.headers.get(header::UPGRADE).cloned();
+        headers::strip_hop_by_hop(&mut parts.headers);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if let Some(p) = proto {
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        return Response::from_parts(parts, ResponseBody::Empty);
+    }
+    let (mut parts, body) = resp.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ResponseBody::Upstream(body))
+}
+
+/// Whether the upstream sent bytes of a response (that failed to parse).
+fn response_started(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            if h.is_parse()
+                || h.is_parse_status()
+                || h.is_parse_too_large()
+                || h.is_parse_version_h2()
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+pub(crate) fn has_source<T: std::error::Error + 'static>(
+    e: &(dyn std::error::Error + 'static),
+) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<T>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::TimedOut {
+                return true;
+            }
+        }
+        if err.to_string().contains("timed out") || err.to_string().contains("timeout") {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
+
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(err) = cur {
+        s.push_str(": ");
+        s.push_str(&err.to_string());
+        cur = err.source();
+    }
+    s
+}
