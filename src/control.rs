@@ -209,19 +209,10 @@ impl Control {
                 to_open.push((l.clone(), sock));
             }
         }
-        for (what, old, new_v) in [
-            ("timeouts.upstream_connect", current.timeouts.upstream_connect, new.timeouts.upstream_connect),
-            ("timeouts.upstream_idle", current.timeouts.upstream_idle, new.timeouts.upstream_idle),
-        ] {
-            if old != new_v {
-                tracing::warn!(field = what, "this setting takes effect after a restart");
-            }
-        }
-        if current.limits.max_connections != new.limits.max_connections
-            || current.limits.max_upstream_idle_per_host != new.limits.max_upstream_idle_per_host
-            || current.admin != new.admin
-        {
-            tracing::warn!("limits.max_connections, limits.max_upstream_idle_per_host and admin.listen take effect after a restart");
+        // Upstream connect/idle timeouts and pool sizes are client settings:
+        // the snapshot built below rebuilds the clients whose settings changed.
+        if current.limits.max_connections != new.limits.max_connections || current.admin != new.admin {
+            tracing::warn!("limits.max_connections and admin.listen take effect after a restart");
         }
 
         // Publish: certificates, then routes (one swap each).

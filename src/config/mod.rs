@@ -268,8 +268,9 @@ pub struct RouteConfig {
 /// What a route does.
 #[derive(Debug, Clone)]
 pub enum RouteAction {
-    /// Forward to an upstream.
-    Proxy(UpstreamConfig),
+    /// Forward to an upstream group (boxed: it is much larger than the
+    /// other actions).
+    Proxy(Box<UpstreamConfig>),
     /// Answer directly.
     Respond {
         /// Status code.
@@ -481,7 +482,7 @@ impl Config {
                 default: true,
                 routes: vec![RouteConfig {
                     path: "/".into(),
-                    action: RouteAction::Proxy(UpstreamConfig::single(to)),
+                    action: RouteAction::Proxy(Box::new(UpstreamConfig::single(to))),
                     limits: Vec::new(),
                 }],
             }],

@@ -814,7 +814,7 @@ fn build_route(
         );
     }
     let action = if proxies {
-        RouteAction::Proxy(upstream::build(cx, r, &span, &prefix, resolve)?)
+        RouteAction::Proxy(Box::new(upstream::build(cx, r, &span, &prefix, resolve)?))
     } else if let Some(resp) = &r.respond {
         let resp_span = resp.span();
         let resp = resp.get_ref();

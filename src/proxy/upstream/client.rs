@@ -179,7 +179,7 @@ impl tower_service::Service<Uri> for Connector {
             if tls.require_h2 && !h2 {
                 return Err("the upstream did not agree to HTTP/2 (ALPN h2)".into());
             }
-            Ok(Conn::Tls(TokioIo::new(stream), h2))
+            Ok(Conn::Tls(Box::new(TokioIo::new(stream)), h2))
         })
     }
 }
@@ -189,7 +189,10 @@ pub enum Conn {
     /// Cleartext.
     Plain(TokioIo<TcpStream>),
     /// TLS; `true` when ALPN picked `h2`.
-    Tls(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>, bool),
+    Tls(
+        Box<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>,
+        bool,
+    ),
 }
 
 impl Connection for Conn {
@@ -216,7 +219,7 @@ impl Read for Conn {
     ) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s).poll_read(cx, buf),
+            Conn::Tls(s, _) => Pin::new(&mut **s).poll_read(cx, buf),
         }
     }
 }
@@ -229,21 +232,21 @@ impl Write for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s).poll_write(cx, buf),
+            Conn::Tls(s, _) => Pin::new(&mut **s).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s, _) => Pin::new(s).poll_flush(cx),
+            Conn::Tls(s, _) => Pin::new(&mut **s).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s, _) => Pin::new(s).poll_shutdown(cx),
+            Conn::Tls(s, _) => Pin::new(&mut **s).poll_shutdown(cx),
         }
     }
 
@@ -261,7 +264,7 @@ impl Write for Conn {
     ) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
             Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s, _) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Conn::Tls(s, _) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
         }
     }
 }

@@ -311,8 +311,11 @@ async fn run_checks(group: Arc<Group>, hc: HealthCheck, stop: CancellationToken)
 /// Control path: the map is only touched when a snapshot is published.
 #[derive(Default)]
 pub struct HealthChecks {
-    running: Mutex<HashMap<(Arc<str>, Arc<str>), (Arc<Group>, CancellationToken)>>,
+    running: Mutex<HashMap<GroupKey, (Arc<Group>, CancellationToken)>>,
 }
+
+/// (site, route prefix): a group's identity across reloads.
+type GroupKey = (Arc<str>, Arc<str>);
 
 impl std::fmt::Debug for HealthChecks {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
