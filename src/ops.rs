@@ -87,7 +87,7 @@ pub async fn inventory_from_admin(base: &str) -> Result<Vec<CertReport>, OpsErro
 
 /// The inventory read from the files a config names (no proxy needed).
 /// Internal certificates only exist inside a running proxy; they are listed
-/// without dates.
+/// without dates, as `unknown`, and do not count for `--within`.
 pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
     let config = Config::load(path).map_err(|e| err(e.to_string()))?;
     let now = SystemTime::now();
@@ -109,7 +109,13 @@ pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
                 }
             }
         }
-        out.push(certstore::inventory::report(&slot, now));
+        let mut report = certstore::inventory::report(&slot, now);
+        if matches!(slot.source, CertSource::Internal) {
+            // Issued in memory by a running proxy, which renews it; the
+            // config says nothing about its dates.
+            report.last_result = certstore::inventory::UNKNOWN.into();
+        }
+        out.push(report);
     }
     Ok(out)
 }
@@ -133,6 +139,9 @@ pub fn inventory_table(reports: &[CertReport]) -> String {
                 match &r.last_error {
                     Some(e) => format!("error: {e}"),
                     None if r.days_left.is_some_and(|d| d < 0.0) => "EXPIRED".into(),
+                    None if r.last_result == certstore::inventory::UNKNOWN => {
+                        "unknown: issued by the running proxy (ask it with --admin)".into()
+                    }
                     None => r.last_result.clone(),
                 },
             ]

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{internal, rfc3339, CertSlot, CertSource};
 
+/// `last_result` of a certificate that could not be looked at.
+pub const UNKNOWN: &str = "unknown";
+
 /// One certificate of a chain.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ChainReport {
@@ -61,7 +64,9 @@ pub struct CertReport {
     pub next_renewal: Option<String>,
     /// When the certificate in service was loaded (RFC 3339).
     pub last_loaded: Option<String>,
-    /// `ok`, or `error` while a replacement is pending.
+    /// `ok`; `error` while a replacement is pending; [`UNKNOWN`] when there
+    /// was no certificate to look at (an internal certificate listed from a
+    /// config file: it exists only inside a running proxy).
     pub last_result: String,
     /// The pending error: the files on disk could not be loaded.
     pub last_error: Option<String>,
@@ -135,10 +140,13 @@ pub fn report(slot: &CertSlot, now: SystemTime) -> CertReport {
 }
 
 impl CertReport {
-    /// Whether it expires within `d` of `now` (or has no certificate at all).
+    /// Whether it expires within `d` of `now`. A certificate that should be
+    /// there and is not counts as expiring; one that could not be looked at
+    /// (`last_result` [`UNKNOWN`]) does not, or every config with an internal
+    /// site would fail `portcullis certs --config F --within 30d`.
     pub fn expires_within(&self, d: Duration, now: SystemTime) -> bool {
         match self.not_after_unix {
-            None => true,
+            None => self.last_result != UNKNOWN,
             Some(na) => na - unix(now) <= d.as_secs() as i64,
         }
     }
