@@ -31,6 +31,10 @@ pub mod names {
     pub const CERT_LAST_RELOAD: &str = "portcullis_tls_cert_last_reload_success_timestamp_seconds";
     /// 1 while the file on disk differs from what is served and could not be loaded.
     pub const CERT_RELOAD_PENDING: &str = "portcullis_tls_cert_reload_pending_error";
+    /// ACME orders by site and result.
+    pub const ACME_RENEWALS: &str = "portcullis_acme_renewals_total";
+    /// When each ACME certificate will next be renewed (or retried).
+    pub const ACME_NEXT_RENEWAL: &str = "portcullis_acme_next_renewal_timestamp_seconds";
 }
 
 /// Traffic and control-plane metrics of one server.
@@ -59,6 +63,9 @@ pub struct Metrics {
     pub ratelimit_limited: IntCounterVec,
     /// Keys tracked per limit (after the last purge).
     pub ratelimit_tracked: IntGaugeVec,
+    /// ACME orders by site and result (`success`, `failure`); both series
+    /// exist from the start for every ACME site.
+    pub acme_renewals: IntCounterVec,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -129,8 +136,14 @@ impl Metrics {
             &["site", "route", "limit"],
         )
         .expect("valid metric");
+        let acme_renewals = IntCounterVec::new(
+            Opts::new(names::ACME_RENEWALS, "ACME certificate orders by site and result"),
+            &["name", "result"],
+        )
+        .expect("valid metric");
         for c in [
-            Box::new(ratelimit_limited.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(acme_renewals.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(ratelimit_limited.clone()),
             Box::new(ratelimit_tracked.clone()),
             Box::new(requests.clone()),
             Box::new(latency.clone()),
@@ -162,6 +175,7 @@ impl Metrics {
             bad_requests,
             ratelimit_limited,
             ratelimit_tracked,
+            acme_renewals,
         }
     }
 
@@ -260,9 +274,21 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
         out,
         "# HELP {n} 1 while a certificate's files differ from what is served and cannot be loaded\n# TYPE {n} gauge"
     );
-    for (slot, _) in &served {
+    // Files only: an ACME or internal failure is a renewal problem, counted
+    // by its own metrics, not a file on disk that cannot be loaded.
+    for (slot, _) in served.iter().filter(|(s, _)| matches!(s.source, crate::certstore::CertSource::File { .. })) {
         let pending = slot.status().last_error.is_some() as u8;
         let _ = writeln!(out, "{n}{{name=\"{}\",source=\"{}\"}} {pending}", escape(&slot.name), slot.source.label());
+    }
+    let n = names::ACME_NEXT_RENEWAL;
+    let _ = writeln!(
+        out,
+        "# HELP {n} Unix time of the next renewal attempt of each ACME certificate (the retry time after a failure)\n# TYPE {n} gauge"
+    );
+    for (slot, _) in &served {
+        if let (crate::certstore::CertSource::Acme { .. }, Some(at)) = (&slot.source, slot.status().next_renewal) {
+            let _ = writeln!(out, "{n}{{name=\"{}\"}} {}", escape(&slot.name), secs(at));
+        }
     }
 }
 
