@@ -309,11 +309,22 @@ fn validate(path: &std::path::Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `PORTCULLIS_WORKERS=N` sets the number of runtime worker threads
+/// (default: one per CPU the process may run on).
+const WORKERS_ENV: &str = "PORTCULLIS_WORKERS";
+
 fn serve(config: Config) -> Result<ExitCode> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(v) = std::env::var_os(WORKERS_ENV) {
+        let v = v.to_string_lossy();
+        let n = v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .with_context(|| format!("{WORKERS_ENV}={v:?} is not valid: write a number of threads, at least 1"))?;
+        builder.worker_threads(n);
+    }
+    let runtime = builder.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         portcullis::shutdown::on_signals(shutdown.clone());
