@@ -192,6 +192,7 @@ fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
             },
             None => text(StatusCode::INTERNAL_SERVER_ERROR, "the internal CA is not available\n".into()),
         },
+        CertSource::Acme { .. } => text(StatusCode::NOT_IMPLEMENTED, "ACME renewal is not wired yet\n".into()),
         CertSource::File { .. } => text(
             StatusCode::CONFLICT,
             format!(

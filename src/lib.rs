@@ -46,7 +46,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use certstore::{CertError, CertStore, InternalCa, SiteCertError};
-use config::{Config, ListenerProtocol, TlsSource};
+use config::{Config, ListenerProtocol};
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +86,7 @@ impl Server {
     /// Loads certificates and binds every socket; nothing is served yet.
     /// `shutdown` starts a graceful stop of [`Server::run`] when cancelled.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server, Error> {
-        let needs_ca = config.sites.iter().any(|s| s.tls == TlsSource::Internal);
+        let needs_ca = config.sites.iter().any(|s| s.tls.needs_internal_ca());
         let ca = if needs_ca {
             Some(Arc::new(InternalCa::load_or_create(&config.state_dir).map_err(Error::InternalCa)?))
         } else {

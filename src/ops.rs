@@ -19,7 +19,7 @@ use rustls_pki_types::pem::PemObject;
 
 use crate::certstore::inventory::CertReport;
 use crate::certstore::{self, load, rfc3339, CertSource, CertSlot};
-use crate::config::{Config, TlsSource};
+use crate::config::Config;
 
 /// An on-call command failed; the message says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -93,17 +93,12 @@ pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
     let now = SystemTime::now();
     let mut out = Vec::new();
     for site in &config.sites {
-        let source = match &site.tls {
-            TlsSource::Files { cert, key, .. } => CertSource::File {
-                cert: cert.clone(),
-                key: key.clone(),
-            },
-            TlsSource::Internal => CertSource::Internal,
-        };
+        let source = certstore::source_of(&config, site);
         let slot = CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default);
-        if let CertSource::File { .. } = slot.source {
+        if let CertSource::File { .. } | CertSource::Acme { .. } = slot.source {
             match certstore::obtain(&slot, None, certstore::Checks { allow_expired: true }) {
                 Ok(c) => slot.publish(c),
+                Err(certstore::CertError::NotIssued { .. }) => {}
                 Err(e) => {
                     slot.record_error(&e.to_string());
                 }

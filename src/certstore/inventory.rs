@@ -34,9 +34,9 @@ pub struct CertReport {
     pub hosts: Vec<String>,
     /// Names in the certificate.
     pub sans: Vec<String>,
-    /// `file` or `internal`.
+    /// `file`, `internal` or `acme`.
     pub source: String,
-    /// Chain file, for file sources.
+    /// Chain file, for file sources (the stored bundle for ACME).
     pub cert_path: Option<String>,
     /// Key file, for file sources.
     pub key_path: Option<String>,
@@ -60,7 +60,8 @@ pub struct CertReport {
     pub days_left: Option<f64>,
     /// Whether portcullis renews it by itself.
     pub auto_renew: bool,
-    /// When it will be renewed (RFC 3339), for automatic sources.
+    /// When it will be renewed (RFC 3339), for automatic sources; for ACME,
+    /// the next attempt (after a failure, the backoff's retry time).
     pub next_renewal: Option<String>,
     /// When the certificate in service was loaded (RFC 3339).
     pub last_loaded: Option<String>,
@@ -68,7 +69,8 @@ pub struct CertReport {
     /// was no certificate to look at (an internal certificate listed from a
     /// config file: it exists only inside a running proxy).
     pub last_result: String,
-    /// The pending error: the files on disk could not be loaded.
+    /// The pending error: the files on disk could not be loaded, or the
+    /// last ACME order failed.
     pub last_error: Option<String>,
     /// When that error happened (RFC 3339).
     pub last_error_at: Option<String>,
@@ -90,11 +92,14 @@ pub fn report(slot: &CertSlot, now: SystemTime) -> CertReport {
     let (cert_path, key_path) = match &slot.source {
         CertSource::File { cert, key } => (Some(cert.display().to_string()), Some(key.display().to_string())),
         CertSource::Internal => (None, None),
+        CertSource::Acme { bundle, .. } => (Some(bundle.display().to_string()), Some(bundle.display().to_string())),
     };
-    let auto_renew = slot.source == CertSource::Internal;
+    let auto_renew = slot.source.auto_renew();
     let info = cur.as_ref().map(|c| &c.info);
-    let next_renewal = match (auto_renew, info) {
-        (true, Some(i)) => {
+    let next_renewal = match (&slot.source, info) {
+        // The ACME manager schedules (renewal information, backoff) and says when.
+        (CertSource::Acme { .. }, _) => status.next_renewal.map(rfc3339),
+        (CertSource::Internal, Some(i)) => {
             let life = i.not_after.duration_since(i.not_before).unwrap_or(internal::LEAF_LIFETIME);
             Some(rfc3339(i.not_after - life / 3))
         }

@@ -12,8 +12,9 @@ pub mod inventory;
 pub mod load;
 pub mod watch;
 
+use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -22,7 +23,7 @@ use arc_swap::{ArcSwap, ArcSwapOption};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{Config, HostPattern, Origin, TlsSource};
+use crate::config::{AcmeConfig, Config, HostPattern, Origin, TlsSource, UntilIssued};
 use crate::hostmap::HostMap;
 
 pub use internal::InternalCa;
@@ -65,6 +66,9 @@ pub enum CertError {
     /// The internal CA failed.
     #[error("internal CA: {0}")]
     Internal(String),
+    /// An ACME certificate has not been issued yet (nothing stored).
+    #[error("{}: no certificate has been issued yet", path.display())]
+    NotIssued { path: PathBuf },
 }
 
 /// A certificate failure attributed to a line of the configuration.
@@ -94,16 +98,37 @@ pub enum CertSource {
     },
     /// The local CA.
     Internal,
+    /// An ACME CA, through the ACME manager, which stores each chain and
+    /// its key in one file.
+    Acme {
+        /// The stored chain and key (`state_dir/acme/certs/NAME/cert.pem`).
+        bundle: PathBuf,
+        /// The site's ACME settings; a change makes a new slot.
+        config: Box<AcmeConfig>,
+    },
 }
 
 impl CertSource {
-    /// `file` or `internal` (the metric label).
+    /// `file`, `internal` or `acme` (the metric label).
     pub fn label(&self) -> &'static str {
         match self {
             CertSource::File { .. } => "file",
             CertSource::Internal => "internal",
+            CertSource::Acme { .. } => "acme",
         }
     }
+
+    /// Whether portcullis renews it by itself.
+    pub fn auto_renew(&self) -> bool {
+        matches!(self, CertSource::Internal | CertSource::Acme { .. })
+    }
+}
+
+/// Where the ACME certificate of site `name` is stored under `state_dir`.
+pub fn acme_bundle_path(state_dir: &Path, name: &str) -> PathBuf {
+    // Site names are [A-Za-z0-9._-]; keep "." and ".." from naming a parent.
+    let dir = if name.starts_with('.') { format!("_{name}") } else { name.to_string() };
+    state_dir.join("acme").join("certs").join(dir).join("cert.pem")
 }
 
 /// One certificate of a chain, as the inventory shows it.
@@ -166,6 +191,8 @@ pub struct SlotStatus {
     pub last_error: Option<String>,
     /// When the last failure happened.
     pub last_error_at: Option<SystemTime>,
+    /// When the certificate will be renewed (automatic sources).
+    pub next_renewal: Option<SystemTime>,
 }
 
 /// One certificate in service: the unit that is swapped.
@@ -237,6 +264,11 @@ impl CertSlot {
         st.last_error = Some(error.to_string());
         st.last_error_at = Some(SystemTime::now());
         new
+    }
+
+    /// Records when the certificate will next be renewed.
+    pub fn set_next_renewal(&self, at: Option<SystemTime>) {
+        self.status.lock().unwrap_or_else(|e| e.into_inner()).next_renewal = at;
     }
 
     /// Clears a pending error (the files are back to what is served).
@@ -313,6 +345,79 @@ pub enum CertEvent {
     },
 }
 
+/// Answers to ACME challenges in progress. The ACME manager (control path)
+/// adds and removes them; the listeners read them only for requests that
+/// ask (`/.well-known/acme-challenge/`, ALPN `acme-tls/1`), with one
+/// `ArcSwap` load.
+#[derive(Default)]
+pub struct Challenges {
+    /// HTTP-01: token -> key authorization.
+    http01: ArcSwap<HashMap<String, String>>,
+    /// TLS-ALPN-01: lower-case name -> the `acmeIdentifier` certificate.
+    tls_alpn01: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl fmt::Debug for Challenges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Challenges")
+            .field("http01", &self.http01.load().len())
+            .field("tls_alpn01", &self.tls_alpn01.load().len())
+            .finish()
+    }
+}
+
+impl Challenges {
+    /// The key authorization for an HTTP-01 token.
+    pub fn http01(&self, token: &str) -> Option<String> {
+        self.http01.load().get(token).cloned()
+    }
+
+    /// Serves `key_auth` at `/.well-known/acme-challenge/{token}`.
+    pub fn add_http01(&self, token: &str, key_auth: &str) {
+        self.http01.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(token.to_string(), key_auth.to_string());
+            m
+        });
+    }
+
+    /// Stops serving an HTTP-01 token.
+    pub fn remove_http01(&self, token: &str) {
+        self.http01.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.remove(token);
+            m
+        });
+    }
+
+    /// The TLS-ALPN-01 certificate for an SNI name.
+    pub fn tls_alpn01(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let map = self.tls_alpn01.load();
+        if map.is_empty() {
+            return None;
+        }
+        map.get(&name.to_ascii_lowercase()).cloned()
+    }
+
+    /// Answers `acme-tls/1` handshakes for `name` with `key`.
+    pub fn add_tls_alpn01(&self, name: &str, key: Arc<CertifiedKey>) {
+        self.tls_alpn01.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(name.to_ascii_lowercase(), key.clone());
+            m
+        });
+    }
+
+    /// Stops answering `acme-tls/1` for `name`.
+    pub fn remove_tls_alpn01(&self, name: &str) {
+        self.tls_alpn01.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.remove(&name.to_ascii_lowercase());
+            m
+        });
+    }
+}
+
 /// Reload counters, read by the metrics collector.
 #[derive(Debug, Default)]
 pub struct CertStats {
@@ -333,6 +438,8 @@ pub struct CertStore {
     pub(crate) events: tokio::sync::broadcast::Sender<CertEvent>,
     /// Counters.
     pub stats: CertStats,
+    /// ACME challenge answers in progress.
+    pub challenges: Challenges,
 }
 
 impl Default for CertStore {
@@ -341,6 +448,7 @@ impl Default for CertStore {
             map: ArcSwap::default(),
             events: tokio::sync::broadcast::channel(1024).0,
             stats: CertStats::default(),
+            challenges: Challenges::default(),
         }
     }
 }
@@ -366,7 +474,9 @@ impl CertStore {
             let (source, origin) = site_source(config, site);
             let fresh = CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default);
             if let Some(old) = previous.and_then(|m| m.slots().iter().find(|s| s.same_source(&fresh))) {
-                if old.current().is_some() {
+                // An ACME slot is kept even while empty: its manager task
+                // publishes into it.
+                if old.current().is_some() || matches!(old.source, CertSource::Acme { .. }) {
                     slots.push(old.clone());
                     continue;
                 }
@@ -378,6 +488,21 @@ impl CertStore {
                         tracing::warn!(site = %site.name, not_after = %rfc3339(cert.info.not_after), "serving an expired certificate; install a renewed one");
                     }
                     slot.publish(cert);
+                }
+                // An ACME certificate that is missing or unusable is not a
+                // reason to refuse the config: the manager orders one.
+                Err(error) if matches!(slot.source, CertSource::Acme { .. }) => {
+                    if !matches!(error, CertError::NotIssued { .. }) {
+                        tracing::warn!(site = %site.name, %error, "the stored ACME certificate cannot be used; a new one will be ordered");
+                        slot.record_error(&error.to_string());
+                    }
+                    let fallback = matches!(&site.tls, TlsSource::Acme(a) if a.until_issued == UntilIssued::Internal);
+                    if let (true, Some(ca)) = (fallback, ca) {
+                        match ca.issue(&slot.hosts) {
+                            Ok(cert) => slot.publish(cert),
+                            Err(error) => errors.push(SiteCertError { origin, error }),
+                        }
+                    }
                 }
                 Err(error) => errors.push(SiteCertError { origin, error }),
             }
@@ -450,7 +575,19 @@ fn site_source(config: &Config, site: &crate::config::SiteConfig) -> (CertSource
                 field: format!("sites.{}.tls", site.name),
             },
         ),
+        TlsSource::Acme(acme) => (
+            CertSource::Acme {
+                bundle: acme_bundle_path(&config.state_dir, &site.name),
+                config: acme.clone(),
+            },
+            acme.origin.clone(),
+        ),
     }
+}
+
+/// The certificate source of a configured site.
+pub fn source_of(config: &Config, site: &crate::config::SiteConfig) -> CertSource {
+    site_source(config, site).0
 }
 
 /// Produces a certificate for a slot from its source.
@@ -468,6 +605,19 @@ pub fn obtain(slot: &CertSlot, ca: Option<&InternalCa>, checks: Checks) -> Resul
         CertSource::Internal => {
             let ca = ca.ok_or_else(|| CertError::Internal("the internal CA is not available".into()))?;
             ca.issue(&slot.hosts)
+        }
+        CertSource::Acme { bundle, .. } => {
+            let pem = match std::fs::read(bundle) {
+                Ok(pem) => pem,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(CertError::NotIssued { path: bundle.clone() })
+                }
+                Err(_) => load::read(bundle)?,
+            };
+            let mut served = load::from_pem(&pem, bundle, &pem, bundle, &slot.hosts, checks)?;
+            served.info.cert_path = Some(bundle.clone());
+            served.info.key_path = Some(bundle.clone());
+            Ok(served)
         }
     }
 }

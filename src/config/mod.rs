@@ -7,6 +7,7 @@
 //! machinery; certificate files are only named here and checked by the
 //! certificate store.
 
+mod acme;
 mod duration;
 mod raw;
 mod upstream;
@@ -20,6 +21,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{StatusCode, Uri};
 
+pub use acme::{
+    AcmeConfig, AcmeKeyType, ChallengeKind, ExternalAccount, RenewBefore, UntilIssued, LETSENCRYPT,
+    LETSENCRYPT_STAGING,
+};
 pub use duration::parse_duration;
 pub use upstream::{
     server_name_of, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol, UpstreamTarget, UpstreamTls, MAX_RETRIES,
@@ -252,6 +257,20 @@ pub enum TlsSource {
     },
     /// Issued by the local CA kept in `state_dir`.
     Internal,
+    /// Obtained and renewed from an ACME CA; kept in `state_dir/acme/`.
+    Acme(Box<AcmeConfig>),
+}
+
+impl TlsSource {
+    /// Whether this source needs the internal CA (directly, or until an
+    /// ACME certificate is issued).
+    pub fn needs_internal_ca(&self) -> bool {
+        match self {
+            TlsSource::Internal => true,
+            TlsSource::Acme(a) => a.until_issued == UntilIssued::Internal,
+            TlsSource::Files { .. } => false,
+        }
+    }
 }
 
 /// One route of a site.

@@ -9,7 +9,7 @@ use toml::Spanned;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawConfig {
-    /// Directory for the internal CA and (later) ACME state.
+    /// Directory for the internal CA and ACME state.
     pub state_dir: Option<Spanned<String>>,
     /// The admin listener.
     pub admin: Option<RawAdmin>,
@@ -21,6 +21,9 @@ pub(crate) struct RawConfig {
     pub rate_limit: Option<RawRateLimitGlobal>,
     /// How certificate files are watched.
     pub certificates: Option<RawCertificates>,
+    /// ACME defaults for every site with `tls = "acme"` or `tls = { acme = ... }`;
+    /// read by hand (config/acme.rs) so messages say what each key expects.
+    pub acme: Option<Spanned<toml::Table>>,
     /// Sockets to listen on.
     #[serde(default)]
     pub listeners: Vec<Spanned<RawListener>>,

@@ -16,7 +16,7 @@ use super::*;
 mod upstream;
 
 /// Collects errors with their line numbers.
-struct Ctx<'a> {
+pub(super) struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
     errors: Vec<ConfigError>,
@@ -32,7 +32,7 @@ impl Ctx<'_> {
             + 1
     }
 
-    fn origin(&self, span: &Range<usize>, field: &str) -> Origin {
+    pub(super) fn origin(&self, span: &Range<usize>, field: &str) -> Origin {
         Origin {
             file: self.file.to_path_buf(),
             line: self.line_of(span),
@@ -40,12 +40,52 @@ impl Ctx<'_> {
         }
     }
 
-    fn err(&mut self, span: &Range<usize>, field: &str, message: impl Into<String>) {
+    pub(super) fn err(&mut self, span: &Range<usize>, field: &str, message: impl Into<String>) {
         let origin = self.origin(span, field);
         self.errors.push(ConfigError {
             origin,
             message: message.into(),
         });
+    }
+
+    /// Where `key = ...` is inside a table read as a plain `toml::Table`
+    /// (whose values carry no spans). `table` is the table's span: an
+    /// inline `{ ... }`, or a `[header]` whose keys follow on later lines.
+    /// Falls back to `table` itself.
+    pub(super) fn key_span(&self, table: &Range<usize>, key: &str) -> Range<usize> {
+        let text = self.text;
+        let start = table.start.min(text.len());
+        let inline = text[start..].starts_with('{');
+        let region = if inline {
+            start..table.end.min(text.len())
+        } else {
+            // From the line after the header to the next header.
+            let from = text[start..].find('\n').map_or(text.len(), |i| start + i + 1);
+            let mut to = text.len();
+            let mut off = from;
+            for line in text[from..].split_inclusive('\n') {
+                if line.trim_start().starts_with('[') {
+                    to = off;
+                    break;
+                }
+                off += line.len();
+            }
+            from..to
+        };
+        let hay = &text[region.clone()];
+        let mut search = 0;
+        while let Some(i) = hay[search..].find(key) {
+            let at = search + i;
+            let before = hay[..at].chars().next_back();
+            let after = hay[at + key.len()..].trim_start();
+            let word_start = before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            if word_start && after.starts_with('=') && !after.starts_with("==") {
+                let abs = region.start + at;
+                return abs..abs + key.len();
+            }
+            search = at + key.len();
+        }
+        table.clone()
     }
 
     fn duration(&mut self, v: &Option<Spanned<String>>, field: &str, default: Duration) -> Duration {
@@ -321,7 +361,13 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
     );
     let rate_limit = build_rate_limit_settings(cx, raw.rate_limit.as_ref());
     let listeners = build_listeners(cx, &raw.listeners);
-    let sites = build_sites(cx, &raw.sites, &resolve);
+    let acme_table = raw.acme.as_ref().map(|t| super::acme::AcmeTable {
+        table: t.get_ref(),
+        span: t.span(),
+        field: "acme".into(),
+    });
+    let acme_base = super::acme::global(cx, acme_table.as_ref(), &resolve);
+    let sites = build_sites(cx, &raw.sites, &resolve, &acme_base, &listeners);
 
     // A listener declared https but with a bad address is reported on its
     // own; only a file that declares none gets this error.
@@ -524,6 +570,8 @@ fn build_sites(
     cx: &mut Ctx<'_>,
     raw: &[Spanned<RawSite>],
     resolve: &dyn Fn(&str) -> PathBuf,
+    acme_base: &AcmeConfig,
+    listeners: &[ListenerConfig],
 ) -> Vec<SiteConfig> {
     let mut out = Vec::new();
     let mut names: HashMap<String, (usize, bool)> = HashMap::new();
@@ -618,7 +666,7 @@ fn build_sites(
                 );
                 TlsSource::Internal
             }
-            Some(v) => parse_tls(cx, v, i, resolve),
+            Some(v) => parse_tls(cx, v, i, resolve, acme_base, &hosts, listeners),
         };
         let mut routes = Vec::new();
         let mut paths: HashSet<String> = HashSet::new();
@@ -697,22 +745,50 @@ fn parse_tls(
     v: &Spanned<toml::Value>,
     i: usize,
     resolve: &dyn Fn(&str) -> PathBuf,
+    acme_base: &AcmeConfig,
+    hosts: &[HostPattern],
+    listeners: &[ListenerConfig],
 ) -> TlsSource {
     let field = format!("sites[{i}].tls");
     let hint = "write tls = \"internal\" or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
+    let any_hint = "write tls = \"internal\", tls = \"acme\", tls = { acme = { ... } } or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
+    let acme = |cx: &mut Ctx<'_>, table: Option<&toml::Table>| {
+        let origin = cx.origin(&v.span(), &field);
+        let t = table.map(|table| super::acme::AcmeTable {
+            table,
+            span: v.span(),
+            field: format!("{field}.acme"),
+        });
+        let mut a = super::acme::site(cx, acme_base, t.as_ref(), origin, resolve);
+        super::acme::check_site(cx, &mut a, hosts, listeners, &v.span(), &field);
+        TlsSource::Acme(Box::new(a))
+    };
     match v.get_ref() {
         toml::Value::String(s) if s == "internal" => TlsSource::Internal,
-        toml::Value::String(s) if s == "acme" => {
-            cx.err(
-                &v.span(),
-                &field,
-                "ACME is not available in this version; use tls = \"internal\" or certificate files",
-            );
+        toml::Value::String(s) if s == "acme" => acme(cx, None),
+        toml::Value::String(s) => {
+            cx.err(&v.span(), &field, format!("\"{s}\" is not a certificate source; {any_hint}"));
             TlsSource::Internal
         }
-        toml::Value::String(s) => {
-            cx.err(&v.span(), &field, format!("\"{s}\" is not a certificate source; {hint}"));
-            TlsSource::Internal
+        toml::Value::Table(t) if t.contains_key("acme") => {
+            if let Some(other) = t.keys().find(|k| *k != "acme") {
+                cx.err(
+                    &v.span(),
+                    &format!("{field}.{other}"),
+                    "cannot be combined with acme; keep either acme = { ... } or cert and key",
+                );
+            }
+            match &t["acme"] {
+                toml::Value::Table(a) => acme(cx, Some(a)),
+                _ => {
+                    cx.err(
+                        &v.span(),
+                        &format!("{field}.acme"),
+                        "must be a table such as acme = { directory = \"letsencrypt\", email = \"ops@example.com\" }",
+                    );
+                    TlsSource::Internal
+                }
+            }
         }
         toml::Value::Table(t) => {
             let mut cert = None;
@@ -724,18 +800,11 @@ fn parse_tls(
                     ("cert" | "key", _) => {
                         cx.err(&v.span(), &format!("{field}.{k}"), "must be a file path string");
                     }
-                    ("acme", _) => {
-                        cx.err(
-                            &v.span(),
-                            &format!("{field}.acme"),
-                            "ACME is not available in this version; use tls = \"internal\" or certificate files",
-                        );
-                    }
                     (other, _) => {
                         cx.err(
                             &v.span(),
                             &format!("{field}.{other}"),
-                            format!("unknown key \"{other}\"; expected cert and key"),
+                            format!("unknown key \"{other}\"; expected cert and key, or acme"),
                         );
                     }
                 }
@@ -757,7 +826,7 @@ fn parse_tls(
             }
         }
         _ => {
-            cx.err(&v.span(), &field, hint);
+            cx.err(&v.span(), &field, any_hint);
             TlsSource::Internal
         }
     }
