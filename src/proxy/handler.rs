@@ -131,15 +131,16 @@ fn record(m: &Metrics, a: &Access) {
     }
 }
 
-/// Applies a route's rate limits. `Err` is the 429 to send; `Ok` carries
-/// the `RateLimit-Policy` / `RateLimit` headers of the tightest limit.
+/// Applies a route's rate limits. `Err` is the 429 to send (boxed: rare, and
+/// large next to `Ok`); `Ok` carries the `RateLimit-Policy` / `RateLimit`
+/// headers of the tightest limit.
 fn check_limits(
     ctx: &ConnCtx,
     snap: &Snapshot,
     site: &Site,
     route: &Route,
     headers: &http::HeaderMap,
-) -> Result<Option<(HeaderValue, HeaderValue)>, Plain> {
+) -> Result<Option<(HeaderValue, HeaderValue)>, Box<Plain>> {
     let client = ratelimit::client_ip(ctx.peer.ip(), headers, &snap.trusted_proxies);
     let mut tightest: Option<(u32, &Limiter, Decision)> = None;
     // Per-client limits first: a client over its own limit is refused before
@@ -169,7 +170,7 @@ fn check_limits(
                 h.insert(RATELIMIT_POLICY, lim.policy_header().clone());
                 h.insert(RATELIMIT, lim.state_header(&d));
                 h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-                return Err(r);
+                return Err(Box::new(r));
             }
             Decision::Allow { remaining } if !lim.config.shadow => {
                 if tightest.as_ref().is_none_or(|(r, _, _)| remaining < *r) {
@@ -214,7 +215,7 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
     } else {
         match check_limits(ctx, &snap, &site, route, req.headers()) {
             Ok(h) => h,
-            Err(resp) => return resp,
+            Err(resp) => return *resp,
         }
     };
     let mut resp = match &route.action {
