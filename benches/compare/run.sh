@@ -88,10 +88,12 @@ if [ "$(nproc)" -lt 2 ] && [ "$PROXY_CPU" != "$LOAD_CPU" ]; then
 fi
 
 # --- build -----------------------------------------------------------------
+START=$(date +%s)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
     say "== building portcullis and hsload (release)"
     (cd "$ROOT" && cargo build --release --quiet --bin portcullis --example hsload) >&2
+    say "   built in $(( $(date +%s) - START )) s"
 fi
 PORTCULLIS=$TARGET_DIR/release/portcullis
 HSLOAD=$TARGET_DIR/release/examples/hsload
@@ -200,7 +202,7 @@ NOTES=()
 
 set_cell() { # row proxy value [extra text]
     VAL["$1|$2"]=$3
-    CELL["$1|$2"]="$(fmt "$3")${4:+ $4}"
+    CELL["$1|$2"]="$(fmt "$3")${4:-}"
 }
 fmt() { # >= 100: whole, with thousands separators; smaller: 2 significant decimals
     awk -v v="$1" 'BEGIN {
@@ -209,7 +211,7 @@ fmt() { # >= 100: whole, with thousands separators; smaller: 2 significant decim
             while (length(s) > 3) { r = "," substr(s, length(s) - 2) r; s = substr(s, 1, length(s) - 3) }
             print s r } else if (v + 0 >= 10) printf "%.1f\n", v; else printf "%.2f\n", v }'
 }
-errs_text() { [ "${1:-0}" = 0 ] && return 0; printf '(%s errors)' "$1"; }
+errs_text() { [ "${1:-0}" = 0 ] && return 0; printf ' (%s errors)' "$1"; }
 
 kib() { awk -v f="$2:" '$1 == f { print $2; exit }' "/proc/$1/status" 2>/dev/null || echo 0; }
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f", k / 1024 }'; }
@@ -266,15 +268,25 @@ run_hsload() { # label duration [hsload args...]
 # CPU time the proxy process used during a scenario, as a share of one
 # core: well under 100 means the proxy was not the bottleneck (the load
 # generator was, or the machine was busy), and the figure says little.
+# The load CPU's busy share (all processes on it) says whether the load
+# generator had room to push harder.
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ sub(/^.*\) /, ""); print $12 + $13 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
-cpu_begin() { CPU_T0=$(cpu_ticks "$1"); WALL_T0=$(date +%s.%N); }
-cpu_end() { # pid label: appends "label NN%" to CPU_USE
-    local t1 w1
-    t1=$(cpu_ticks "$1"); w1=$(date +%s.%N)
-    CPU_USE="${CPU_USE:+$CPU_USE, }$2 $(awk -v a="$CPU_T0" -v b="$t1" -v w0="$WALL_T0" -v w1="$w1" -v hz="$CLK_TCK" \
-        'BEGIN { printf "%.0f%%", 100 * (b - a) / hz / (w1 - w0) }')"
+core_ticks() { awk -v c="cpu$1" '$1 == c { print $2 + $3 + $4 + $7 + $8 + $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9 }' /proc/stat; }
+cpu_begin() { CPU_T0=$(cpu_ticks "$1"); WALL_T0=$(date +%s.%N); CORE_T0=$(core_ticks "$LOAD_CPU"); }
+cpu_end() { # pid label: appends "label NN% (load CPU MM%)" to CPU_USE; sets CPU_PCT
+    local t1 w1 c1
+    t1=$(cpu_ticks "$1"); w1=$(date +%s.%N); c1=$(core_ticks "$LOAD_CPU")
+    CPU_PCT=$(awk -v a="$CPU_T0" -v b="$t1" -v w0="$WALL_T0" -v w1="$w1" -v hz="$CLK_TCK" \
+        'BEGIN { printf "%.0f", 100 * (b - a) / hz / (w1 - w0) }')
+    local load
+    load=$(echo "$CORE_T0 $c1" | awk '{ t = $4 - $2; printf "%.0f", (t > 0) ? 100 * ($3 - $1) / t : 0 }')
+    CPU_USE="${CPU_USE:+$CPU_USE, }$2 $CPU_PCT% (load CPU $load%)"
+    # MARK flags a throughput figure taken while the proxy had CPU to spare.
+    MARK=""
+    if [ "$CPU_PCT" -lt 90 ]; then MARK="†"; STARVED=1; fi
 }
+STARVED=0
 
 kvget() { printf '%s\n' "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k { print $2 }'; }
 
@@ -372,7 +384,7 @@ bench_proxy() { # name
     cpu_begin "$spid"
     run_wrk "$name-h1" "$DUR"
     cpu_end "$spid" h1
-    set_cell h1 "$name" "$W_RPS" "$(errs_text "$W_ERR")"
+    set_cell h1 "$name" "$W_RPS" "$MARK$(errs_text "$W_ERR")"
     set_cell h1p99 "$name" "$W_P99"
     local base_h1=$W_RPS
 
@@ -380,13 +392,13 @@ bench_proxy() { # name
     cpu_begin "$spid"
     run_h2load "$name-h2" "$DUR"
     cpu_end "$spid" h2
-    set_cell h2 "$name" "$H_RPS" "$(errs_text "$H_ERR")"
+    set_cell h2 "$name" "$H_RPS" "$MARK$(errs_text "$H_ERR")"
 
     say "   full handshakes (ECDSA)"
     cpu_begin "$spid"
     run_hsload "$name-full" "$DUR"
     cpu_end "$spid" full
-    set_cell full "$name" "$S_RATE" "$(errs_text "$S_ERR")"
+    set_cell full "$name" "$S_RATE" "$MARK$(errs_text "$S_ERR")"
     set_cell fullp99 "$name" "$S_P99"
     local base_full=$S_RATE
 
@@ -396,16 +408,15 @@ bench_proxy() { # name
     cpu_end "$spid" resumed
     local pct
     pct=$(awk -v r="$S_RES" -v o="$S_OK" 'BEGIN { if (o > 0) printf "%.0f", 100 * r / o; else print 0 }')
-    set_cell resumed "$name" "$S_RATE" "$(errs_text "$S_ERR")$([ "$pct" -lt 95 ] && printf ' (%s%% resumed)' "$pct")"
+    set_cell resumed "$name" "$S_RATE" "$MARK$(errs_text "$S_ERR")$([ "$pct" -lt 95 ] && printf ' (%s%% resumed)' "$pct")"
 
     say "   full handshakes (RSA-2048)"
     cpu_begin "$spid"
     run_hsload "$name-rsa" "$DUR" --sni rsa.bench.test
     cpu_end "$spid" rsa
-    set_cell rsa "$name" "$S_RATE" "$(errs_text "$S_ERR")"
+    set_cell rsa "$name" "$S_RATE" "$MARK$(errs_text "$S_ERR")"
 
     set_cell rsspeak "$name" "$(mib "$(kib "$spid" VmHWM)")"
-    NOTES+=("$name used this much of its core: $CPU_USE.")
 
     if [ "$name" = portcullis ]; then
         local before after
@@ -414,22 +425,26 @@ bench_proxy() { # name
         swap_loop "$DUR" &
         local swapper=$!
         PIDS+=("$swapper")
+        cpu_begin "$spid"
         run_wrk "$name-swap-h1" "$DUR"
+        cpu_end "$spid" swap-h1
         wait "$swapper" || true
-        set_cell swaph1 "$name" "$W_RPS" "$(errs_text "$W_ERR")"
+        set_cell swaph1 "$name" "$W_RPS" "$MARK$(errs_text "$W_ERR")"
         VAL["swaph1|base"]=$base_h1
         sleep 0.3
         after=$(reloads)
-        NOTES+=("portcullis certificate reloads during the keep-alive swap run (success failure): before $before, after $after (swaps closer than the 75 ms file-watch debounce are coalesced).")
+        NOTES+=("portcullis certificate reloads during the keep-alive swap run (success failure): before $before, after $after. Swaps closer together than the 75 ms file-watch debounce count as one; a failure is a reload that read the new key with the old certificate between the two renames, and kept the previous certificate in service.")
 
         say "   full handshakes during $SWAPS certificate swaps"
         before=$after
         swap_loop "$DUR" &
         swapper=$!
         PIDS+=("$swapper")
+        cpu_begin "$spid"
         run_hsload "$name-swap-full" "$DUR"
+        cpu_end "$spid" swap-full
         wait "$swapper" || true
-        set_cell swapfull "$name" "$S_RATE" "$(errs_text "$S_ERR")"
+        set_cell swapfull "$name" "$S_RATE" "$MARK$(errs_text "$S_ERR")"
         VAL["swapfull|base"]=$base_full
         sleep 0.3
         after=$(reloads)
@@ -439,14 +454,17 @@ bench_proxy() { # name
         CELL["swapfull|$name"]="n/a"
     fi
 
+    NOTES+=("$name CPU time per scenario, as a share of its core: $CPU_USE.")
     stop_pid "$pid"
 }
 
-START=$(date +%s)
 for p in nginx haproxy caddy portcullis; do
     has "$p" && bench_proxy "$p"
 done
 ELAPSED=$(( $(date +%s) - START ))
+if [ "$STARVED" = 1 ]; then
+    NOTES+=("† the proxy used under 90% of its core: the load generator (or another process on the machine) set this figure, not the proxy.")
+fi
 
 # --- table ---------------------------------------------------------------------
 ratio() { # row -> text
@@ -473,7 +491,7 @@ ratio() { # row -> text
 }
 
 CPU_MODEL=$(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)
-echo "Side-by-side, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($CPU_MODEL), ${DUR} s per scenario, $CONNS connections; proxy on CPU $PROXY_CPU, load and origin on CPU $LOAD_CPU; \`benches/compare/run.sh${ARGS_SEEN:+ $ARGS_SEEN}\` took ${ELAPSED} s."
+echo "Side-by-side, $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs ($CPU_MODEL), ${DUR} s per scenario, $CONNS connections; proxy on CPU $PROXY_CPU, load and origin on CPU $LOAD_CPU; \`benches/compare/run.sh${ARGS_SEEN:+ $ARGS_SEEN}\` took ${ELAPSED} s in all."
 echo
 echo "| scenario | nginx $(nginx -v 2>&1 | sed 's#.*nginx/##') | HAProxy $(haproxy -v 2>/dev/null | awk 'NR == 1 { sub(/-.*/, "", $3); print $3 }') | Caddy $(caddy version 2>/dev/null | awk '{ print $1 }' | sed 's/^v//') | portcullis | portcullis / best peer |"
 echo "|---|---:|---:|---:|---:|---:|"
