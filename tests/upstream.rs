@@ -731,3 +731,71 @@ fn upstream_settings_errors_name_the_line_and_field() {
          health_check and passive_health only apply to upstream routes; remove them"
     );
 }
+
+// ---------------------------------------------------------------------------
+// Logs
+
+#[tokio::test]
+async fn each_health_change_is_logged_once() {
+    let pki = Pki::new();
+    let a = Backend::start("a", Mode::H1).await;
+    let mut b = Backend::start("b", Mode::H1).await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.leaf(&["api.test"], common::Alg::Ecdsa)
+        .write(dir.path(), "");
+    let routes = format!(
+        "[[sites.routes]]\nupstreams = [{}]\n[sites.routes.health_check]\npath = \"/health\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n",
+        list(&[&a, &b])
+    );
+    let proxy = common::BinProxy::start_in(
+        dir,
+        &config_text("", &routes).replace("127.0.0.1:0\"\n[[listeners]]", "off\"\n[[listeners]]"),
+    );
+    let upstream = format!("upstream={}", b.label());
+    let count = |what: &str| {
+        proxy
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(what) && l.contains(&upstream))
+            .count()
+    };
+    let checks_on_a = || a.shared.health_hits.load(Ordering::SeqCst);
+
+    b.kill();
+    wait_until(WAIT, "b logged out of service", || async {
+        count("out of service (active check)") == 1
+    })
+    .await;
+    // Many more checks fail on b; nothing more is logged.
+    let seen = checks_on_a();
+    wait_until(WAIT, "ten more check rounds", || async {
+        checks_on_a() >= seen + 10
+    })
+    .await;
+    assert_eq!(
+        count("out of service (active check)"),
+        1,
+        "{}",
+        proxy.log_text()
+    );
+
+    b.revive().await;
+    wait_until(WAIT, "b logged back in service", || async {
+        count("back in service (active check)") == 1
+    })
+    .await;
+    let seen = checks_on_a();
+    wait_until(WAIT, "ten more check rounds", || async {
+        checks_on_a() >= seen + 10
+    })
+    .await;
+    assert_eq!(
+        count("back in service (active check)"),
+        1,
+        "{}",
+        proxy.log_text()
+    );
+    assert_eq!(count("out of service (active check)"), 1);
+}
