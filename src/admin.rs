@@ -8,7 +8,10 @@
 //! - `GET /certs`: the certificate inventory (JSON), pending errors included.
 //! - `POST /reload`: re-read the config and certificate files.
 //! - `POST /certs/{name}/renew`: issue a fresh certificate with a new key now
-//!   (for certificates portcullis issues itself).
+//!   (for certificates portcullis issues itself: internal CA or ACME);
+//!   without `force`, only when it is due.
+//! - `POST /certs/{name}/revoke?reason=key-compromise`: ACME only; order a
+//!   replacement with a new key, put it in service, then revoke the old one.
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,13 +150,78 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 .uri()
                 .query()
                 .is_some_and(|q| q.split('&').any(|kv| kv == "force" || kv == "force=1" || kv == "force=true"));
+            if state.control.acme().manages(name) {
+                let (acme, n) = (state.control.acme().clone(), name.to_string());
+                return acme_action(name, async move { acme.renew(&n, force).await }).await;
+            }
             renew(state, name, force)
+        }
+        (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/revoke") => {
+            let name = &p["/certs/".len()..p.len() - "/revoke".len()];
+            let reason = req
+                .uri()
+                .query()
+                .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("reason=")))
+                .unwrap_or("");
+            let Some(reason) = crate::acme::RevokeReason::parse(reason) else {
+                return text(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "give a reason: ?reason=key-compromise (one of: {})\n",
+                        crate::acme::RevokeReason::NAMES
+                    ),
+                );
+            };
+            if state.control.certs().slot(name).is_none() {
+                return text(StatusCode::NOT_FOUND, format!("no certificate named {name:?}\n"));
+            }
+            if !state.control.acme().manages(name) {
+                return text(
+                    StatusCode::CONFLICT,
+                    format!("{name:?} is not an ACME certificate; revoke it with the CA or tool that issued it\n"),
+                );
+            }
+            let (acme, n) = (state.control.acme().clone(), name.to_string());
+            acme_action(name, async move { acme.revoke(&n, reason).await }).await
         }
         (_, "/healthz" | "/readyz" | "/metrics" | "/certs") => {
             text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into())
         }
         (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()),
         _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// How long an admin request waits for an ACME order before answering 202
+/// (the CLI's own timeout is 120 s); the order goes on either way.
+const ACME_WAIT: std::time::Duration = std::time::Duration::from_secs(100);
+
+/// Runs an ACME renewal or revocation and turns its outcome into a reply.
+async fn acme_action(
+    name: &str,
+    action: impl std::future::Future<Output = Result<crate::acme::ActionReport, crate::acme::AcmeError>> + Send + 'static,
+) -> Response<Full<Bytes>> {
+    use crate::acme::AcmeError;
+    let task = tokio::spawn(action);
+    match tokio::time::timeout(ACME_WAIT, task).await {
+        Err(_) => json(
+            StatusCode::ACCEPTED,
+            &serde_json::json!({ "ok": true, "name": name, "pending": true, "reason": "the order is still running; watch GET /certs" }),
+        ),
+        Ok(Err(e)) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({ "ok": false, "error": e.to_string() })),
+        Ok(Ok(Ok(report))) => {
+            let mut v = serde_json::to_value(&report).unwrap_or_default();
+            v["ok"] = serde_json::Value::Bool(true);
+            json(StatusCode::OK, &v)
+        }
+        Ok(Ok(Err(e))) => {
+            let status = match e {
+                AcmeError::NotFound(_) => StatusCode::CONFLICT,
+                AcmeError::Config(_) | AcmeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
+                _ => StatusCode::BAD_GATEWAY,
+            };
+            json(status, &serde_json::json!({ "ok": false, "name": name, "error": e.to_string() }))
+        }
     }
 }
 
@@ -192,7 +260,10 @@ fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
             },
             None => text(StatusCode::INTERNAL_SERVER_ERROR, "the internal CA is not available\n".into()),
         },
-        CertSource::Acme { .. } => text(StatusCode::NOT_IMPLEMENTED, "ACME renewal is not wired yet\n".into()),
+        CertSource::Acme { .. } => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{name:?}: its ACME task is not running (the server is starting or stopping)\n"),
+        ),
         CertSource::File { .. } => text(
             StatusCode::CONFLICT,
             format!(

@@ -63,6 +63,8 @@ pub struct Control {
     rt: Arc<Runtime>,
     /// The internal CA, if any site uses it.
     ca: Option<Arc<InternalCa>>,
+    /// Renews ACME certificates; follows every reload.
+    acme: Arc<crate::acme::Manager>,
     /// Open listeners.
     listeners: tokio::sync::Mutex<Vec<OpenListener>>,
     /// Tells the file watcher the set of files changed.
@@ -74,13 +76,19 @@ pub struct Control {
 }
 
 impl Control {
-    pub(crate) fn new(config: Config, rt: Arc<Runtime>, ca: Option<Arc<InternalCa>>) -> Control {
+    pub(crate) fn new(
+        config: Config,
+        rt: Arc<Runtime>,
+        ca: Option<Arc<InternalCa>>,
+        acme: Arc<crate::acme::Manager>,
+    ) -> Control {
         let config_path = config.source.is_file().then(|| config.source.clone());
         Control {
             config_path,
             config: tokio::sync::Mutex::new(config),
             rt,
             ca,
+            acme,
             listeners: tokio::sync::Mutex::new(Vec::new()),
             watch_refresh: Arc::new(Notify::new()),
             status: Mutex::new(ReloadStatus::default()),
@@ -101,6 +109,11 @@ impl Control {
     /// The internal CA, if a site uses it.
     pub fn internal_ca(&self) -> Option<&Arc<InternalCa>> {
         self.ca.as_ref()
+    }
+
+    /// The ACME manager.
+    pub fn acme(&self) -> &Arc<crate::acme::Manager> {
+        &self.acme
     }
 
     /// Last reload outcome.
@@ -181,13 +194,15 @@ impl Control {
             return Ok(report);
         };
         let new = Config::load(path).map_err(|e| e.to_string())?;
-        if new.state_dir != current.state_dir && self.ca.is_some() {
+        crate::acme::preflight(&new)?;
+        let has_acme = |c: &Config| c.sites.iter().any(|s| matches!(s.tls, crate::config::TlsSource::Acme(_)));
+        if new.state_dir != current.state_dir && (self.ca.is_some() || has_acme(&current) || has_acme(&new)) {
             return Err(format!(
                 "{}: state_dir: changing the state directory needs a restart",
                 path.display()
             ));
         }
-        let needs_ca = new.sites.iter().any(|s| s.tls == crate::config::TlsSource::Internal);
+        let needs_ca = new.sites.iter().any(|s| s.tls.needs_internal_ca());
         if needs_ca && self.ca.is_none() {
             return Err(format!(
                 "{}: a site now uses tls = \"internal\"; enabling the internal CA needs a restart",
@@ -217,6 +232,8 @@ impl Control {
 
         // Publish: certificates, then routes (one swap each).
         self.rt.certs.replace_map(map);
+        // ACME tasks follow the new sites (their slots are in service now).
+        self.acme.sync(&new);
         let old_snap = self.rt.snapshot.load_full();
         self.rt.publish(Snapshot::from_config(&new, Some(&old_snap)));
 

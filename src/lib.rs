@@ -11,6 +11,9 @@
 //! - [`proxy`]: listeners, TLS accept, the hyper server, routing, the
 //!   upstream client, header rules, the plain-HTTP redirect. Hot path: reads
 //!   snapshots, takes no lock.
+//! - [`acme`]: automatic certificates from an ACME CA: one renewal task per
+//!   site, challenges answered through the certificate store, state kept in
+//!   `state_dir/acme/`. Control path; hands certificates to `certstore`.
 //! - [`control`]: config reload and listener management of a running server.
 //! - [`admin`]: the admin listener (health, readiness, metrics, inventory, reload).
 //! - [`metrics`]: the Prometheus registry and the certificate expiry series.
@@ -68,6 +71,9 @@ pub enum Error {
     /// The TLS configuration could not be built.
     #[error("TLS setup failed: {0}")]
     Tls(#[from] rustls::Error),
+    /// An ACME setting cannot be used (e.g. an unreadable `ca_root`).
+    #[error("{0}")]
+    Acme(String),
 }
 
 /// A bound, ready-to-run server.
@@ -86,6 +92,7 @@ impl Server {
     /// Loads certificates and binds every socket; nothing is served yet.
     /// `shutdown` starts a graceful stop of [`Server::run`] when cancelled.
     pub async fn bind(config: Config, shutdown: CancellationToken) -> Result<Server, Error> {
+        acme::preflight(&config).map_err(Error::Acme)?;
         let needs_ca = config.sites.iter().any(|s| s.tls.needs_internal_ca());
         let ca = if needs_ca {
             Some(Arc::new(InternalCa::load_or_create(&config.state_dir).map_err(Error::InternalCa)?))
@@ -105,7 +112,8 @@ impl Server {
         };
         let grace = config.timeouts.shutdown_grace;
         let poll_interval = config.cert_poll_interval;
-        let control = Arc::new(control::Control::new(config, rt, ca.clone()));
+        let acme = Arc::new(acme::Manager::new(&config, rt.certs.clone(), metrics.clone()));
+        let control = Arc::new(control::Control::new(config, rt, ca.clone(), acme));
         Ok(Server {
             admin_state: Arc::new(admin::AdminState::new(control.clone(), metrics)),
             control,
@@ -151,6 +159,11 @@ impl Server {
         self.control.certs().clone()
     }
 
+    /// The ACME manager (renewal tasks of `tls = "acme"` sites).
+    pub fn acme(&self) -> Arc<acme::Manager> {
+        self.control.acme().clone()
+    }
+
     /// The control plane (reload, listeners).
     pub fn control(&self) -> Arc<control::Control> {
         self.control.clone()
@@ -173,6 +186,7 @@ impl Server {
         if let Some(ca) = &self.ca {
             certstore::internal::spawn_renewer(rt.certs.clone(), ca.clone(), background.clone());
         }
+        control.acme().start(background.clone());
         certstore::watch::spawn_watcher(
             rt.certs.clone(),
             control.watch_refresh.clone(),

@@ -24,6 +24,15 @@ struct Cli {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum RevokeReason {
+    Unspecified,
+    KeyCompromise,
+    AffiliationChanged,
+    Superseded,
+    CessationOfOperation,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum LogFormat {
     Human,
     Json,
@@ -88,6 +97,18 @@ enum Command {
         /// Renew even if it is not due, with a fresh key.
         #[arg(long)]
         force: bool,
+        /// Admin API of the running proxy.
+        #[arg(long, default_value = "http://127.0.0.1:9901")]
+        admin: String,
+    },
+    /// Revoke an ACME certificate: order a replacement (new key), put it in
+    /// service, then revoke the old one at the CA.
+    Revoke {
+        /// The certificate's (site's) name, as `portcullis certs` lists it.
+        name: String,
+        /// Why (RFC 5280 reason).
+        #[arg(long, value_enum)]
+        reason: RevokeReason,
         /// Admin API of the running proxy.
         #[arg(long, default_value = "http://127.0.0.1:9901")]
         admin: String,
@@ -227,6 +248,13 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             print!("{body}");
             Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
+        Command::Revoke { name, reason, admin } => {
+            let reason = reason.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+            let path = format!("/certs/{name}/revoke?reason={reason}");
+            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
+            print!("{body}");
+            Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
         Command::Validate { config } => Ok(validate(&config)),
         Command::Run { config } => {
             let config = match Config::load(&config) {
@@ -300,6 +328,10 @@ fn validate(path: &std::path::Path) -> ExitCode {
                 failed = true;
             }
         }
+    }
+    if let Err(e) = portcullis::acme::preflight(&config) {
+        eprintln!("{e}");
+        failed = true;
     }
     if failed {
         eprintln!("configuration {} is invalid", path.display());

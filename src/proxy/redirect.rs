@@ -1,5 +1,7 @@
 //! Plain-HTTP listeners: every request gets a `308` to the same URL over
-//! HTTPS. Hot path (cheap by design: no routing, no upstream).
+//! HTTPS, except the ACME HTTP-01 answers in progress
+//! (`/.well-known/acme-challenge/TOKEN`). Hot path (cheap by design: no
+//! routing, no upstream).
 
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
@@ -46,8 +48,15 @@ pub async fn serve_http(listener: TcpListener, rt: Arc<Runtime>, https_port: Opt
             let shared = Arc::new(ConnShared::default());
             shared.last_done_ms.store(rt2.now_ms(), Ordering::Release);
             let io = ConnIo::new(tcp, snap.timeouts.response_write, None);
-            let svc = service_fn(move |req: Request<Incoming>| async move {
-                Ok::<_, Infallible>(redirect(&req, https_port))
+            let rt3 = rt2.clone();
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let rt = rt3.clone();
+                async move {
+                    if let Some(answer) = acme_http01(&rt.certs, &req) {
+                        return Ok::<_, Infallible>(answer);
+                    }
+                    Ok::<_, Infallible>(redirect(&req, https_port))
+                }
             });
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
@@ -59,6 +68,24 @@ pub async fn serve_http(listener: TcpListener, rt: Arc<Runtime>, https_port: Opt
             drive(conn, |c| c.graceful_shutdown(), &rt2, &shared, snap.timeouts.idle).await;
         });
     }
+}
+
+/// Where HTTP-01 answers live (RFC 8555 §8.3).
+const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
+
+/// The key authorization for an HTTP-01 token the ACME manager is proving
+/// right now; `None` (so the request gets the usual redirect) for anything
+/// else, including unknown tokens.
+pub fn acme_http01<B>(certs: &crate::certstore::CertStore, req: &Request<B>) -> Option<Response<TrackedBody>> {
+    let token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)?;
+    if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) || token.is_empty() || token.contains('/') {
+        return None;
+    }
+    let key_auth = certs.challenges.http01(token)?;
+    let mut r = Response::new(TrackedBody::plain(ResponseBody::full(Bytes::from(key_auth))));
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    Some(r)
 }
 
 /// The `308` for a plain-HTTP request.

@@ -13,6 +13,9 @@ use tokio_rustls::LazyConfigAcceptor;
 
 use crate::certstore::{load::provider, CertStore, Resolver};
 
+/// The ALPN protocol of TLS-ALPN-01 validation handshakes (RFC 8737).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
 /// Builds the one `ServerConfig` of the process: TLS 1.2 and 1.3, ALPN h2
 /// then http/1.1, a session cache and one ticketer for the life of the
 /// process (so tickets survive every certificate and config reload), and
@@ -42,6 +45,9 @@ pub enum HandshakeFailure {
     Protocol,
     /// The peer went away.
     Io,
+    /// A TLS-ALPN-01 validation: answered with the challenge certificate,
+    /// then closed (not an error, but no HTTP follows).
+    AcmeChallenge,
 }
 
 impl HandshakeFailure {
@@ -52,6 +58,7 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::Protocol => "protocol",
             HandshakeFailure::Io => "io",
+            HandshakeFailure::AcmeChallenge => "acme_challenge",
         }
     }
 }
@@ -60,8 +67,9 @@ impl HandshakeFailure {
 /// before any handshake message.
 const UNRECOGNIZED_NAME_ALERT: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
 
-/// Reads the ClientHello, refuses unknown names with `unrecognized_name`,
-/// and completes the handshake within `timeout`.
+/// Reads the ClientHello, answers ACME TLS-ALPN-01 validations, refuses
+/// unknown names with `unrecognized_name`, and completes the handshake
+/// within `timeout`.
 pub async fn accept(
     tcp: TcpStream,
     config: &Arc<ServerConfig>,
@@ -83,6 +91,21 @@ pub async fn accept(
                 });
             }
         };
+        // TLS-ALPN-01 (RFC 8737): a CA asking for `acme-tls/1` for a name
+        // whose challenge is in progress gets the challenge certificate and
+        // nothing else. Checked first: the name may have no certificate yet.
+        let hello = start.client_hello();
+        let acme = hello
+            .alpn()
+            .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN))
+            .then(|| hello.server_name().and_then(|n| store.challenges.tls_alpn01(n)))
+            .flatten();
+        if let Some(key) = acme {
+            let cfg = acme_tls_config(key).map_err(|_| HandshakeFailure::Protocol)?;
+            let mut tls = start.into_stream(cfg).await.map_err(|_| HandshakeFailure::Io)?;
+            let _ = tls.shutdown().await;
+            return Err(HandshakeFailure::AcmeChallenge);
+        }
         if !store.has_cert_for(start.client_hello().server_name()) {
             // Hand the socket back to send the alert ourselves.
             // The resolver finds nothing either, so rustls stops before
@@ -106,4 +129,27 @@ pub async fn accept(
         Ok(r) => r,
         Err(_) => Err(HandshakeFailure::Timeout),
     }
+}
+
+/// Serves one certificate whatever the name (the TLS-ALPN-01 answer).
+#[derive(Debug)]
+struct OneCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OneCert {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// A one-off config for a TLS-ALPN-01 validation handshake: only
+/// `acme-tls/1`, only the challenge certificate. Built per validation
+/// (a handful per order), never on the request path.
+fn acme_tls_config(key: Arc<rustls::sign::CertifiedKey>) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let mut cfg = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(OneCert(key)));
+    cfg.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    Ok(Arc::new(cfg))
 }
