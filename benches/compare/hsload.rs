@@ -6,9 +6,9 @@
 //! response, close. Without `--resume` session resumption is disabled in the
 //! client, so every handshake is a full one (unlike `wrk -H 'Connection:
 //! close'`, which quietly resumes). With `--resume` each task keeps its own
-//! ticket store, so every connection after a task's first offers the ticket
-//! its previous connection received; the summary counts how many really
-//! resumed.
+//! ticket store, filled by one untimed connection before the clock starts,
+//! so every timed connection offers the ticket its predecessor received;
+//! the summary counts how many really resumed.
 //!
 //! The client offers X25519 only (what the OpenSSL-based tools offer; no
 //! hybrid post-quantum share that only some servers would pick) and, unless
@@ -273,18 +273,26 @@ async fn run(args: Args) -> Result<std::process::ExitCode, String> {
     }
 
     let shared = client_config(&args, Resumption::disabled())?;
+    let mut connectors = Vec::with_capacity(args.concurrency);
+    for _ in 0..args.concurrency {
+        if args.resume {
+            // A ticket store per task, so each connection resumes with the
+            // ticket its predecessor on this task was given. One untimed
+            // full handshake per task first fills the store.
+            let connector = TlsConnector::from(client_config(&args, Resumption::in_memory_sessions(8))?);
+            tokio::time::timeout(Duration::from_secs(10), one(&connector, args.addr, &name, &request))
+                .await
+                .map_err(|_| "priming connection timed out".to_string())?
+                .map_err(|e| format!("priming connection: {e}"))?;
+            connectors.push(connector);
+        } else {
+            connectors.push(TlsConnector::from(shared.clone()));
+        }
+    }
     let start = Instant::now();
     let deadline = start + args.duration;
     let mut tasks = Vec::with_capacity(args.concurrency);
-    for _ in 0..args.concurrency {
-        // Resumption: a ticket store per task, so each connection resumes
-        // with the ticket its predecessor on this task was given.
-        let config = if args.resume {
-            client_config(&args, Resumption::in_memory_sessions(8))?
-        } else {
-            shared.clone()
-        };
-        let connector = TlsConnector::from(config);
+    for connector in connectors {
         let (name, request, addr) = (name.clone(), request.clone(), args.addr);
         tasks.push(tokio::spawn(async move {
             let mut t = Tally::default();
