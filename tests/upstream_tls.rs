@@ -8,8 +8,13 @@
 mod common;
 mod upstream_harness;
 
+use std::time::Duration;
+
 use common::Pki;
 use upstream_harness::*;
+
+const WAIT: Duration = Duration::from_secs(15);
+const HEALTH_CHECK: &str = "[sites.routes.health_check]\npath = \"/health\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
 
 #[tokio::test]
 async fn https_upstream_is_verified_against_the_configured_ca_with_sni() {
@@ -89,8 +94,12 @@ async fn mtls_upstream_gets_the_configured_client_certificate() {
     let routes = format!(
         "[[sites.routes]]\npath = \"/with-cert\"\nupstream = \"https://{a}\"\nca = \"ca.pem\"\ntls_server_name = \"backend.test\"\n\
          client_cert = \"client.pem\"\nclient_key = \"client.key\"\n\
-         [[sites.routes]]\npath = \"/without-cert\"\nupstream = \"https://{a}\"\nca = \"ca.pem\"\ntls_server_name = \"backend.test\"\n",
-        a = backend.addr
+         {check}\
+         [[sites.routes]]\npath = \"/without-cert\"\nupstream = \"https://{a}\"\nca = \"ca.pem\"\ntls_server_name = \"backend.test\"\n\
+         [[sites.routes]]\npath = \"/checked-without-cert\"\nupstream = \"https://{a}\"\nca = \"ca.pem\"\ntls_server_name = \"backend.test\"\n\
+         {check}",
+        a = backend.addr,
+        check = HEALTH_CHECK,
     );
     let proxy = proxy(
         &pki,
@@ -117,6 +126,23 @@ async fn mtls_upstream_gets_the_configured_client_certificate() {
         502
     );
     assert_eq!(backend.hits(), 1);
+    // Health checks go over the same TLS client: with the certificate
+    // they pass, without it the handshake fails and the upstream is out.
+    let label = backend.label();
+    wait_until(
+        WAIT,
+        "health checks with and without a client certificate",
+        || async {
+            healthy(&proxy, "/with-cert", &label).await == Some(1.0)
+                && healthy(&proxy, "/checked-without-cert", &label).await == Some(0.0)
+                && backend
+                    .shared
+                    .health_hits
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    >= 2
+        },
+    )
+    .await;
 }
 
 #[test]
@@ -195,9 +221,12 @@ async fn h2_over_tls_is_agreed_with_alpn() {
     let routes = format!(
         "[[sites.routes]]\npath = \"/h2\"\nupstream = \"https://{both}\"\nprotocol = \"h2\"\n{tls}\
          [[sites.routes]]\npath = \"/h1\"\nupstream = \"https://{both}\"\n{tls}\
-         [[sites.routes]]\npath = \"/h2-refused\"\nupstream = \"https://{h1}\"\nprotocol = \"h2\"\n{tls}",
+         [[sites.routes]]\npath = \"/h2-refused\"\nupstream = \"https://{h1}\"\nprotocol = \"h2\"\n{tls}\
+         [[sites.routes]]\npath = \"/h2-checked\"\nupstream = \"https://{both}\"\nprotocol = \"h2\"\n{tls}{check}\
+         [[sites.routes]]\npath = \"/h2-refused-checked\"\nupstream = \"https://{h1}\"\nprotocol = \"h2\"\n{tls}{check}",
         both = both.addr,
         h1 = h1_only.addr,
+        check = HEALTH_CHECK,
     );
     let proxy = proxy(&pki, "", &routes, &[("ca.pem", &ca.pem)]).await;
     let mut send = h2_client(&proxy, &pki).await;
@@ -225,4 +254,16 @@ async fn h2_over_tls_is_agreed_with_alpn() {
     // An upstream that does not offer h2 is refused, not spoken to in h1.
     assert_eq!(h2_get(&mut send, "/h2-refused", &[]).await.unwrap().0, 502);
     assert_eq!(h1_only.hits(), 0);
+    // Health checks speak h2 too; the upstream without h2 fails them.
+    let (l_both, l_h1) = (both.label(), h1_only.label());
+    wait_until(WAIT, "h2 health checks", || async {
+        healthy(&proxy, "/h2-checked", &l_both).await == Some(1.0)
+            && healthy(&proxy, "/h2-refused-checked", &l_h1).await == Some(0.0)
+            && both.health_versions().contains(&http::Version::HTTP_2)
+    })
+    .await;
+    assert!(
+        h1_only.health_versions().is_empty(),
+        "a check reached the h1-only upstream"
+    );
 }

@@ -75,6 +75,8 @@ pub struct Shared {
     pub gate: tokio::sync::watch::Sender<bool>,
     /// Every non-health request.
     pub seen: Mutex<Vec<Seen>>,
+    /// HTTP version of every health-check request.
+    pub health_versions: Mutex<Vec<http::Version>>,
 }
 
 /// A backend server on 127.0.0.1.
@@ -98,6 +100,7 @@ impl Backend {
             holding: AtomicUsize::new(0),
             gate,
             seen: Mutex::new(Vec::new()),
+            health_versions: Mutex::new(Vec::new()),
         });
         let mut b = Backend {
             addr: listener.local_addr().unwrap(),
@@ -160,6 +163,10 @@ impl Backend {
 
     pub fn seen(&self) -> Vec<Seen> {
         self.shared.seen.lock().unwrap().clone()
+    }
+
+    pub fn health_versions(&self) -> Vec<http::Version> {
+        self.shared.health_versions.lock().unwrap().clone()
     }
 
     pub fn holding(&self) -> usize {
@@ -254,6 +261,7 @@ async fn handle(shared: Arc<Shared>, info: ConnInfo, req: Request<Incoming>) -> 
     let path = req.uri().path().to_string();
     if path == "/health" {
         shared.health_hits.fetch_add(1, Ordering::SeqCst);
+        shared.health_versions.lock().unwrap().push(req.version());
         let status = if shared.healthy.load(Ordering::SeqCst) {
             200
         } else {
