@@ -396,3 +396,101 @@ pub(crate) fn retry_after(group: &Group, now: u64) -> u64 {
         .ceil()
         .max(1.0) as u64
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{Limits, Timeouts, UpstreamConfig, UpstreamTarget};
+
+    fn group() -> Arc<Group> {
+        let mut cfg = UpstreamConfig::single("http://127.0.0.1:1/".parse().unwrap());
+        cfg.targets.push(UpstreamTarget {
+            uri: "http://127.0.0.1:2/".parse().unwrap(),
+            weight: std::num::NonZeroU32::MIN,
+        });
+        Group::reuse_or_build(
+            &"s".into(),
+            "/",
+            &cfg,
+            &Timeouts::default(),
+            &Limits::default(),
+            None,
+        )
+    }
+
+    const P: PassiveHealth = PassiveHealth {
+        failures: 3,
+        window: Duration::from_secs(10),
+        cooldown: Duration::from_secs(1),
+    };
+
+    #[test]
+    fn passive_out_after_consecutive_failures_then_probation_after_the_cooldown() {
+        let g = group();
+        let up = &g.upstreams[0];
+        let st = &up.state;
+        st.passive_failure(&P, 1_000, up, &g);
+        st.passive_failure(&P, 1_100, up, &g);
+        assert!(st.in_service(1_100));
+        st.passive_failure(&P, 1_200, up, &g);
+        assert!(!st.in_service(1_200));
+        assert!(!st.in_service(2_199));
+        assert_eq!(st.cooldown_left(1_700), 500);
+        // Cool-down over: in service again, and one failure takes it out.
+        assert!(st.in_service(2_200));
+        st.passive_failure(&P, 2_300, up, &g);
+        assert!(!st.in_service(2_300));
+        // After the next cool-down a success clears the streak: three
+        // failures are needed again.
+        st.passive_success(3_400, up, &g);
+        assert!(st.in_service(3_400));
+        st.passive_failure(&P, 3_500, up, &g);
+        st.passive_failure(&P, 3_600, up, &g);
+        assert!(st.in_service(3_600));
+    }
+
+    #[test]
+    fn passive_failures_outside_the_window_do_not_add_up() {
+        let g = group();
+        let up = &g.upstreams[0];
+        for t in [0u64, 11_000, 22_000, 33_000] {
+            up.state.passive_failure(&P, t + 1, up, &g);
+            up.state.passive_failure(&P, t + 2, up, &g);
+        }
+        assert!(up.state.in_service(33_003));
+        // A 5xx on one upstream does not touch the other.
+        assert!(g.upstreams[1].state.in_service(33_003));
+        let off = PassiveHealth { failures: 0, ..P };
+        for t in 0..10 {
+            g.upstreams[1]
+                .state
+                .passive_failure(&off, t, &g.upstreams[1], &g);
+        }
+        assert!(g.upstreams[1].state.in_service(10));
+    }
+
+    #[test]
+    fn active_thresholds_count_consecutive_results() {
+        let hc = HealthCheck {
+            path: "/".into(),
+            status: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: std::num::NonZeroU32::new(2).unwrap(),
+            unhealthy_threshold: std::num::NonZeroU32::new(3).unwrap(),
+        };
+        let st = UpstreamState::default();
+        assert_eq!(st.active_result(false, &hc), None);
+        assert_eq!(st.active_result(false, &hc), None);
+        assert_eq!(st.active_result(true, &hc), None); // streak broken
+        assert_eq!(st.active_result(false, &hc), None);
+        assert_eq!(st.active_result(false, &hc), None);
+        assert_eq!(st.active_result(false, &hc), Some(false));
+        assert!(st.actively_down() && !st.in_service(0));
+        assert_eq!(st.active_result(false, &hc), None); // logged once
+        assert_eq!(st.active_result(true, &hc), None);
+        assert_eq!(st.active_result(true, &hc), Some(true));
+        assert_eq!(st.active_result(true, &hc), None);
+        assert!(st.in_service(0));
+    }
+}
