@@ -821,3 +821,74 @@ async fn config_reload_adds_an_acme_site_and_keeps_the_others_renewing() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limited_order_waits_for_the_cas_retry_after() {
+    let mut pebble = Pebble::new(PebbleOptions::default());
+    let front = AriFront::start(&pebble).await;
+    {
+        let mut s = front.state.lock().unwrap();
+        s.rate_limit_orders = 1;
+        s.retry_after_secs = 6;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let toml = proxy_toml(
+        &front.directory(),
+        &pebble.ca_root_path(),
+        true,
+        "",
+        &site("web", &["web.test"], ""),
+    );
+    let started = SystemTime::now();
+    let proxy = Proxy::start(dir.path(), &toml, |http, https| {
+        pebble.start(http.unwrap(), https)
+    })
+    .await;
+    // The refusal is visible, and the retry waits for the CA's Retry-After
+    // (6 s), past the configured cap (retry_max = 3 s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = cert_report(proxy.admin, "web").await;
+        if r["last_error"].is_string() {
+            break r;
+        }
+        assert!(Instant::now() < deadline, "no error reported: {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        r["last_error"].as_str().unwrap().contains("rateLimited"),
+        "{r}"
+    );
+    let next = metric(
+        proxy.admin,
+        "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
+    )
+    .await
+    .unwrap();
+    let t0 = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        next >= t0 + 5.0,
+        "retry at {next}, {}s after start",
+        next - t0
+    );
+    proxy
+        .wait_issued("web", None, Duration::from_secs(30), &pebble)
+        .await;
+    let took = started.elapsed().unwrap();
+    assert!(
+        took >= Duration::from_secs(5),
+        "issued after {took:?}: Retry-After ignored"
+    );
+    assert_eq!(
+        metric(
+            proxy.admin,
+            "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
+        )
+        .await,
+        Some(1.0)
+    );
+    proxy.stop().await;
+}

@@ -588,7 +588,13 @@ impl Site {
                             }));
                             continue;
                         }
-                        let r = self.attempt(&mut st).await.map(|serial| ActionReport {
+                        // Shutdown abandons an order under way (its challenge
+                        // answers are withdrawn when dropped).
+                        let r = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            r = self.attempt(&mut st) => r,
+                        };
+                        let r = r.map(|serial| ActionReport {
                             name: self.name().to_string(),
                             renewed: true,
                             serial: Some(serial),
@@ -598,13 +604,19 @@ impl Site {
                         let _ = reply.send(r);
                     }
                     Some(Command::Revoke { reason, reply }) => {
-                        let r = self.revoke(&mut st, reason).await;
+                        let r = tokio::select! {
+                            _ = stop.cancelled() => return,
+                            r = self.revoke(&mut st, reason) => r,
+                        };
                         let _ = reply.send(r);
                     }
                 },
                 _ = tokio::time::sleep(sleep) => {
                     if SystemTime::now() >= due {
-                        let _ = self.attempt(&mut st).await;
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = self.attempt(&mut st) => {}
+                        }
                     }
                 }
             }

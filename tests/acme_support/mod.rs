@@ -542,6 +542,10 @@ pub struct AriState {
     pub asked: Vec<String>,
     /// The `replaces` of every new order (None: absent).
     pub replaces: Vec<Option<String>>,
+    /// This many new orders are refused with `rateLimited` and
+    /// `Retry-After: retry_after_secs`, as a CA over its limits answers.
+    pub rate_limit_orders: u32,
+    pub retry_after_secs: u64,
 }
 
 pub struct AriFront {
@@ -658,6 +662,23 @@ async fn ari_front(
         .unwrap_or_default();
     // The `replaces` of a new order, from the JWS payload (base64url JSON).
     let mut replaces: Option<Option<String>> = None;
+    if parts.method == http::Method::POST && path.contains("order-plz") {
+        let mut s = st.lock().unwrap();
+        if s.rate_limit_orders > 0 {
+            s.rate_limit_orders -= 1;
+            let problem = serde_json::json!({
+                "type": "urn:ietf:params:acme:error:rateLimited",
+                "detail": "too many new orders recently",
+                "status": 429,
+            });
+            return Response::builder()
+                .status(429)
+                .header("content-type", "application/problem+json")
+                .header("retry-after", s.retry_after_secs.to_string())
+                .body(Full::new(Bytes::from(problem.to_string())))
+                .unwrap();
+        }
+    }
     if parts.method == http::Method::POST && path.contains("order-plz") {
         let jws: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
         let payload = jws["payload"].as_str().unwrap_or("");
