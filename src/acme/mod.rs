@@ -697,13 +697,9 @@ impl Site {
             return;
         };
         let now = SystemTime::now();
+        // Asking failed: ask again in ten retry periods (at most 10 min).
         let failed = Ari::Failed {
-            recheck: now
-                + self
-                    .cfg()
-                    .retry_base
-                    .clamp(ARI_MIN_RECHECK.min(self.cfg().retry_base), ARI_MIN_RECHECK)
-                    * 10,
+            recheck: now + self.cfg().retry_base.min(ARI_MIN_RECHECK) * 10,
         };
         let id = match CertificateIdentifier::try_from(&cur.leaf) {
             Ok(id) => id,
