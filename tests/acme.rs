@@ -892,3 +892,54 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
     );
     proxy.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn validate_and_certs_cli_know_acme_sites() {
+    // An unreadable ca_root is caught before serving, with file, line and field.
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-root.pem");
+    let toml = proxy_toml(
+        "https://127.0.0.1:9/dir",
+        &missing,
+        true,
+        "",
+        &site("web", &["web.test"], ""),
+    );
+    let path = dir.path().join("portcullis.toml");
+    std::fs::write(&path, &toml).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["validate", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    let tls_line = toml.lines().position(|l| l.starts_with("tls = ")).unwrap() + 1;
+    assert!(
+        stderr.contains(&format!(
+            "{}:{tls_line}: sites[0].tls: ca_root {}: cannot read it",
+            path.display(),
+            missing.display()
+        )),
+        "{stderr}"
+    );
+
+    // `certs --config` reads the stored certificate, no proxy running.
+    let (_pebble, proxy, dir, serial) =
+        issued(PebbleOptions::default(), true, "web", &["web.test"], "").await;
+    proxy.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["certs", "--json", "--config"])
+        .arg(dir.path().join("portcullis.toml"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v[0]["source"], "acme");
+    assert_eq!(v[0]["serial"], serial);
+    assert_eq!(v[0]["auto_renew"], true);
+}
