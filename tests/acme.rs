@@ -819,6 +819,17 @@ async fn config_reload_adds_an_acme_site_and_keeps_the_others_renewing() {
         common::serial_of(&handshake(proxy.https, "two.test", client).await.unwrap()),
         two
     );
+    // A reload that only moves the sites to other lines keeps their slots
+    // (and renewal tasks).
+    let before = proxy.certs.slot("one").unwrap();
+    let toml = std::fs::read_to_string(&proxy.config_path).unwrap();
+    std::fs::write(&proxy.config_path, format!("# moved down\n\n{toml}")).unwrap();
+    let (status, body) = admin(proxy.admin, "POST", "/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        Arc::ptr_eq(&before, &proxy.certs.slot("one").unwrap()),
+        "slot replaced by a no-op reload"
+    );
     proxy.stop().await;
 }
 

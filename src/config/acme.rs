@@ -88,7 +88,9 @@ impl RenewBefore {
     /// How long before `not_after` to renew a certificate of this lifetime.
     pub fn lead(&self, lifetime: Duration) -> Duration {
         match *self {
-            RenewBefore::Fraction { num, den } => lifetime.mul_f64(f64::from(num) / f64::from(den.max(1))),
+            RenewBefore::Fraction { num, den } => {
+                lifetime.mul_f64(f64::from(num) / f64::from(den.max(1)))
+            }
             RenewBefore::Duration(d) => d.min(lifetime),
         }
     }
@@ -106,7 +108,9 @@ pub struct ExternalAccount {
 impl std::fmt::Debug for ExternalAccount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The HMAC key is a secret: never in logs.
-        f.debug_struct("ExternalAccount").field("kid", &self.kid).finish_non_exhaustive()
+        f.debug_struct("ExternalAccount")
+            .field("kid", &self.kid)
+            .finish_non_exhaustive()
     }
 }
 
@@ -120,8 +124,9 @@ pub enum UntilIssued {
 }
 
 /// A site's validated ACME settings (the global `[acme]` table merged with
-/// the site's own).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// the site's own). Equality ignores `origin`: a reload that only moves the
+/// site to another line keeps its slot and its renewal task.
+#[derive(Debug, Clone)]
 pub struct AcmeConfig {
     /// Directory URL of the CA.
     pub directory: String,
@@ -152,6 +157,42 @@ pub struct AcmeConfig {
     /// The site's `tls` value, for messages.
     pub origin: Origin,
 }
+
+impl PartialEq for AcmeConfig {
+    fn eq(&self, o: &Self) -> bool {
+        let AcmeConfig {
+            directory,
+            contacts,
+            eab,
+            challenges,
+            dns_hook,
+            key_type,
+            profile,
+            ca_root,
+            renew_before,
+            retry_base,
+            retry_max,
+            order_timeout,
+            until_issued,
+            origin: _,
+        } = self;
+        *directory == o.directory
+            && *contacts == o.contacts
+            && *eab == o.eab
+            && *challenges == o.challenges
+            && *dns_hook == o.dns_hook
+            && *key_type == o.key_type
+            && *profile == o.profile
+            && *ca_root == o.ca_root
+            && *renew_before == o.renew_before
+            && *retry_base == o.retry_base
+            && *retry_max == o.retry_max
+            && *order_timeout == o.order_timeout
+            && *until_issued == o.until_issued
+    }
+}
+
+impl Eq for AcmeConfig {}
 
 impl AcmeConfig {
     /// Defaults before any table is read.
@@ -189,7 +230,11 @@ pub(super) struct AcmeTable<'a> {
 
 /// Reads the global `[acme]` table (defaults for every ACME site); its
 /// errors are reported once here, not once per site.
-pub(super) fn global(cx: &mut Ctx<'_>, table: Option<&AcmeTable<'_>>, resolve: &dyn Fn(&str) -> PathBuf) -> AcmeConfig {
+pub(super) fn global(
+    cx: &mut Ctx<'_>,
+    table: Option<&AcmeTable<'_>>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> AcmeConfig {
     let mut out = AcmeConfig::defaults(Origin {
         file: PathBuf::new(),
         line: 0,
@@ -392,7 +437,9 @@ pub(super) fn check_site(
     span: &Range<usize>,
     field: &str,
 ) {
-    let has_http = listeners.iter().any(|l| matches!(l.protocol, ListenerProtocol::Http { .. }));
+    let has_http = listeners
+        .iter()
+        .any(|l| matches!(l.protocol, ListenerProtocol::Http { .. }));
     let wildcard = hosts.iter().find(|h| matches!(h, HostPattern::Wildcard(_)));
     if acme.challenges.is_empty() {
         // Defaults: whatever the listeners can answer; dns-01 only when a hook is set.
@@ -408,7 +455,9 @@ pub(super) fn check_site(
     }
     for h in hosts {
         if let HostPattern::Exact(name) = h {
-            if name.parse::<std::net::IpAddr>().is_ok() || name.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+            if name.parse::<std::net::IpAddr>().is_ok()
+                || name.bytes().all(|b| b.is_ascii_digit() || b == b'.')
+            {
                 cx.err(
                     span,
                     &format!("{field}.acme"),
@@ -471,7 +520,11 @@ fn decode_b64url(s: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(s)
         .ok()
-        .or_else(|| base64::engine::general_purpose::STANDARD_NO_PAD.decode(s).ok())
+        .or_else(|| {
+            base64::engine::general_purpose::STANDARD_NO_PAD
+                .decode(s)
+                .ok()
+        })
 }
 
 /// `"1/3"`, `"0.25"` (fractions of the lifetime) or `"30d"`.
@@ -487,7 +540,10 @@ pub(super) fn parse_renew_before(s: &str) -> Option<RenewBefore> {
             den: 1000,
         });
     }
-    parse_duration(s).ok().filter(|d| !d.is_zero()).map(RenewBefore::Duration)
+    parse_duration(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .map(RenewBefore::Duration)
 }
 
 #[cfg(test)]
@@ -496,14 +552,32 @@ mod tests {
 
     #[test]
     fn renew_before_forms() {
-        assert_eq!(parse_renew_before("1/3"), Some(RenewBefore::Fraction { num: 1, den: 3 }));
-        assert_eq!(parse_renew_before("0.25"), Some(RenewBefore::Fraction { num: 250, den: 1000 }));
-        assert_eq!(parse_renew_before("30d"), Some(RenewBefore::Duration(Duration::from_secs(30 * 86_400))));
+        assert_eq!(
+            parse_renew_before("1/3"),
+            Some(RenewBefore::Fraction { num: 1, den: 3 })
+        );
+        assert_eq!(
+            parse_renew_before("0.25"),
+            Some(RenewBefore::Fraction {
+                num: 250,
+                den: 1000
+            })
+        );
+        assert_eq!(
+            parse_renew_before("30d"),
+            Some(RenewBefore::Duration(Duration::from_secs(30 * 86_400)))
+        );
         assert_eq!(parse_renew_before("3/1"), None);
         assert_eq!(parse_renew_before("1.5"), None);
         let life = Duration::from_secs(90 * 86_400);
-        assert_eq!(RenewBefore::Fraction { num: 1, den: 3 }.lead(life), Duration::from_secs(30 * 86_400));
-        assert_eq!(RenewBefore::Duration(Duration::from_secs(100 * 86_400)).lead(life), life);
+        assert_eq!(
+            RenewBefore::Fraction { num: 1, den: 3 }.lead(life),
+            Duration::from_secs(30 * 86_400)
+        );
+        assert_eq!(
+            RenewBefore::Duration(Duration::from_secs(100 * 86_400)).lead(life),
+            life
+        );
     }
 
     #[test]
@@ -511,11 +585,16 @@ mod tests {
         assert!(valid_email("ops@example.com"));
         assert!(!valid_email("ops"));
         assert!(!valid_email("a b@example.com"));
-        assert_eq!(decode_b64url("zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W").map(|b| b.len()), Some(48));
+        assert_eq!(
+            decode_b64url("zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W")
+                .map(|b| b.len()),
+            Some(48)
+        );
     }
 
     fn parse(text: &str) -> Result<crate::config::Config, String> {
-        crate::config::Config::parse(std::path::Path::new("/etc/p.toml"), text).map_err(|e| e.to_string())
+        crate::config::Config::parse(std::path::Path::new("/etc/p.toml"), text)
+            .map_err(|e| e.to_string())
     }
 
     fn acme_of(c: &crate::config::Config, i: usize) -> AcmeConfig {
@@ -541,13 +620,19 @@ mod tests {
         assert_eq!(a.directory, LETSENCRYPT_STAGING);
         assert_eq!(a.contacts, vec!["mailto:ops@example.com".to_string()]);
         assert_eq!(a.retry_base, Duration::from_secs(2));
-        assert_eq!(a.challenges, vec![ChallengeKind::Http01, ChallengeKind::TlsAlpn01]);
+        assert_eq!(
+            a.challenges,
+            vec![ChallengeKind::Http01, ChallengeKind::TlsAlpn01]
+        );
         assert_eq!(a.key_type, AcmeKeyType::EcdsaP256);
         let b = acme_of(&c, 1);
         assert_eq!(b.directory, LETSENCRYPT_STAGING);
         assert_eq!(b.key_type, AcmeKeyType::Rsa3072);
         assert_eq!(b.challenges, vec![ChallengeKind::TlsAlpn01]);
-        assert_eq!(b.ca_root.as_deref(), Some(std::path::Path::new("/etc/roots.pem")));
+        assert_eq!(
+            b.ca_root.as_deref(),
+            Some(std::path::Path::new("/etc/roots.pem"))
+        );
         assert_eq!(b.eab.as_ref().map(|e| e.kid.as_str()), Some("k1"));
     }
 
@@ -559,10 +644,19 @@ mod tests {
              [[sites.routes]]\nrespond = {{ status = 200 }}\n"
         );
         let e = parse(&text).unwrap_err();
-        assert!(e.contains("/etc/p.toml:7: acme.email: \"nobody\" is not an email address"), "{e}");
+        assert!(
+            e.contains("/etc/p.toml:7: acme.email: \"nobody\" is not an email address"),
+            "{e}"
+        );
         assert!(e.contains("/etc/p.toml:11: sites[0].tls.acme.directory: \"http://ca.example/dir\": an ACME directory is served over https"), "{e}");
-        assert!(e.contains("/etc/p.toml:12: sites[0].tls.acme.key_type: \"rsa1024\" is not a key type"), "{e}");
-        assert!(e.contains("/etc/p.toml:13: sites[0].tls.acme.bogus: unknown key \"bogus\""), "{e}");
+        assert!(
+            e.contains("/etc/p.toml:12: sites[0].tls.acme.key_type: \"rsa1024\" is not a key type"),
+            "{e}"
+        );
+        assert!(
+            e.contains("/etc/p.toml:13: sites[0].tls.acme.bogus: unknown key \"bogus\""),
+            "{e}"
+        );
     }
 
     #[test]
@@ -571,16 +665,37 @@ mod tests {
         let site = |tls: &str, host: &str| {
             format!("{https_only}[[sites]]\nhosts = [\"{host}\"]\ntls = {tls}\n[[sites.routes]]\nrespond = {{ status = 200 }}\n")
         };
-        let e = parse(&site("{ acme = { challenges = [\"http-01\"] } }", "a.example.com")).unwrap_err();
+        let e = parse(&site(
+            "{ acme = { challenges = [\"http-01\"] } }",
+            "a.example.com",
+        ))
+        .unwrap_err();
         assert!(e.contains("/etc/p.toml:5: sites[0].tls.acme.challenges: http-01 is answered on a plain-HTTP listener"), "{e}");
         let e = parse(&site("\"acme\"", "*.example.com")).unwrap_err();
         assert!(e.contains("sites[0].tls.acme.challenges: \"*.example.com\" is a wildcard, which only dns-01 can prove"), "{e}");
-        let e = parse(&site("{ acme = { challenges = [\"dns-01\"] } }", "a.example.com")).unwrap_err();
-        assert!(e.contains("sites[0].tls.acme.dns_hook: dns-01 needs a hook"), "{e}");
+        let e = parse(&site(
+            "{ acme = { challenges = [\"dns-01\"] } }",
+            "a.example.com",
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("sites[0].tls.acme.dns_hook: dns-01 needs a hook"),
+            "{e}"
+        );
         let e = parse(&site("{ acme = {}, cert = \"c.pem\" }", "a.example.com")).unwrap_err();
-        assert!(e.contains("sites[0].tls.cert: cannot be combined with acme"), "{e}");
-        let ok = parse(&site("{ acme = { challenges = [\"dns-01\"], dns_hook = [\"./hook.sh\", \"x\"] } }", "*.example.com")).unwrap();
-        assert_eq!(acme_of(&ok, 0).dns_hook, Some(vec!["/etc/./hook.sh".to_string(), "x".to_string()]));
+        assert!(
+            e.contains("sites[0].tls.cert: cannot be combined with acme"),
+            "{e}"
+        );
+        let ok = parse(&site(
+            "{ acme = { challenges = [\"dns-01\"], dns_hook = [\"./hook.sh\", \"x\"] } }",
+            "*.example.com",
+        ))
+        .unwrap();
+        assert_eq!(
+            acme_of(&ok, 0).dns_hook,
+            Some(vec!["/etc/./hook.sh".to_string(), "x".to_string()])
+        );
         // Only tls-alpn-01 by default without a plain-HTTP listener.
         let ok = parse(&site("\"acme\"", "a.example.com")).unwrap();
         assert_eq!(acme_of(&ok, 0).challenges, vec![ChallengeKind::TlsAlpn01]);
