@@ -179,13 +179,21 @@ pub struct ActionReport {
     pub reason: Option<String>,
 }
 
+/// What the admin API asks of a site's task (it owns the schedule, so
+/// every order of a site goes through it, one at a time).
 enum Command {
+    /// Order now (with `force`), or only when due.
     Renew {
+        /// Order even if not due.
         force: bool,
+        /// Where the outcome goes.
         reply: oneshot::Sender<Result<ActionReport, AcmeError>>,
     },
+    /// Replace, then revoke the replaced certificate.
     Revoke {
+        /// RFC 5280 reason sent to the CA.
         reason: RevokeReason,
+        /// Where the outcome goes.
         reply: oneshot::Sender<Result<ActionReport, AcmeError>>,
     },
 }
@@ -193,33 +201,47 @@ enum Command {
 /// What a site's task is started with; a change restarts the task.
 #[derive(Debug, Clone, PartialEq)]
 struct SiteSpec {
+    /// The site (and slot) name.
     name: String,
+    /// Names ordered; the certificate must cover them all.
     hosts: Vec<HostPattern>,
+    /// The site's merged ACME settings.
     config: AcmeConfig,
+    /// Where its certificate is stored (the slot's source names the same file).
     bundle: PathBuf,
 }
 
+/// A started task.
 struct Running {
+    /// What it was started with, to tell whether a reload changed it.
     spec: SiteSpec,
+    /// Admin requests to it.
     commands: mpsc::Sender<Command>,
+    /// Cancelled when the site goes away or changes.
     stop: CancellationToken,
 }
 
+/// The manager's mutable part (control path; never held across an await).
 struct Inner {
     /// Set by [`Manager::start`]; tasks are children of it.
     parent: Option<CancellationToken>,
     /// Sites with ACME certificates in the config in service.
     wanted: Vec<SiteSpec>,
+    /// Started tasks by site name.
     running: HashMap<String, Running>,
 }
 
 /// Runs one renewal task per ACME site.
 pub struct Manager {
+    /// `state_dir/acme/`.
     storage: Storage,
+    /// Where certificates are published and challenge answers put.
     store: Arc<CertStore>,
+    /// Renewal counters.
     metrics: Arc<Metrics>,
     /// One lock per account, so two sites never both create it.
     account_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Wanted and running tasks.
     inner: Mutex<Inner>,
     /// Counters.
     pub stats: Arc<Stats>,
@@ -461,22 +483,34 @@ enum Ari {
     Unsupported { recheck: SystemTime },
     /// A time picked in the CA's window, and when to ask again.
     Window {
+        /// Start of the CA's window.
         start: SystemTime,
+        /// End of the CA's window.
         end: SystemTime,
+        /// The random time in it (kept while the window does not move).
         picked: SystemTime,
+        /// When to ask the CA again (its `Retry-After`).
         recheck: SystemTime,
     },
     /// Asking failed; asked again at this time.
     Failed { recheck: SystemTime },
 }
 
+/// One site's renewal task.
 struct Site {
+    /// What it renews.
     spec: SiteSpec,
+    /// Account and certificate files.
     storage: Storage,
+    /// Publishing and challenge answers.
     store: Arc<CertStore>,
+    /// Renewal counters.
     metrics: Arc<Metrics>,
+    /// The manager's counters.
     stats: Arc<Stats>,
+    /// Its own HTTPS client, so a `Retry-After` is this site's.
     http: Http,
+    /// Shared with every site of the same account.
     account_lock: Arc<tokio::sync::Mutex<()>>,
     /// The account, once loaded (reloaded after the CA forgets it).
     account: Option<Account>,
@@ -484,7 +518,9 @@ struct Site {
 
 /// Mutable scheduling state of a task.
 struct State {
+    /// The ACME certificate it renews (none before the first).
     current: Option<Current>,
+    /// The CA's renewal window for it.
     ari: Ari,
     /// Failed attempts in a row.
     failures: u32,
