@@ -27,6 +27,23 @@ struct OpenListener {
     bound: SocketAddr,
     /// Cancelled to close it.
     stop: CancellationToken,
+    /// A second handle on the listening socket. A reload that keeps the
+    /// address but changes what is spoken on it (`protocol`, `https_port`)
+    /// hands this socket to a new accept loop: binding again would fail
+    /// while the old socket is open, and closing it first would refuse
+    /// connections in between. Dropped when the listener closes.
+    socket: Option<std::net::TcpListener>,
+}
+
+/// What a reload does with one listener of the new config.
+enum Plan {
+    /// Same address and settings: the running accept loop stays.
+    Keep,
+    /// Same address, other settings: a new accept loop on the same socket
+    /// replaces the open listener at this index.
+    Reuse(usize, TcpListener),
+    /// A new address: a freshly bound socket.
+    Open(TcpListener),
 }
 
 /// Outcome of the last config reload.
@@ -47,6 +64,9 @@ pub struct ReloadReport {
     pub opened: Vec<String>,
     /// Listeners closed.
     pub closed: Vec<String>,
+    /// Listeners that kept their socket but now speak a different protocol
+    /// or redirect to a different port.
+    pub reconfigured: Vec<String>,
     /// Certificates replaced after re-reading their files.
     pub certificates_replaced: usize,
     /// Certificates whose files could not be loaded (previous kept).
@@ -65,8 +85,8 @@ pub struct Control {
     ca: Option<Arc<InternalCa>>,
     /// Renews ACME certificates; follows every reload.
     acme: Arc<crate::acme::Manager>,
-    /// Open listeners.
-    listeners: tokio::sync::Mutex<Vec<OpenListener>>,
+    /// Open listeners (control path; never held across an await).
+    listeners: Mutex<Vec<OpenListener>>,
     /// Tells the file watcher the set of files changed.
     pub(crate) watch_refresh: Arc<Notify>,
     /// Last reload outcome (admin API).
@@ -89,7 +109,7 @@ impl Control {
             rt,
             ca,
             acme,
-            listeners: tokio::sync::Mutex::new(Vec::new()),
+            listeners: Mutex::new(Vec::new()),
             watch_refresh: Arc::new(Notify::new()),
             status: Mutex::new(ReloadStatus::default()),
             stop_all: CancellationToken::new(),
@@ -123,18 +143,30 @@ impl Control {
 
     /// Bound addresses of open listeners of a kind.
     pub async fn bound(&self, https: bool) -> Vec<SocketAddr> {
-        self.listeners
-            .lock()
-            .await
+        self.open_listeners()
             .iter()
             .filter(|l| (l.config.protocol == ListenerProtocol::Https) == https)
             .map(|l| l.bound)
             .collect()
     }
 
+    fn open_listeners(&self) -> std::sync::MutexGuard<'_, Vec<OpenListener>> {
+        self.listeners.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Starts serving on an already bound socket.
     pub(crate) async fn open(&self, config: ListenerConfig, listener: TcpListener) {
         let bound = listener.local_addr().unwrap_or(config.addr);
+        let socket = match socket2::SockRef::from(&listener).try_clone() {
+            Ok(s) => Some(std::net::TcpListener::from(s)),
+            Err(e) => {
+                tracing::warn!(addr = %bound, error = %e, "cannot keep a second handle on the socket; changing its protocol will need a restart");
+                None
+            }
+        };
+        if self.stop_all.is_cancelled() {
+            return;
+        }
         let stop = self.stop_all.child_token();
         let rt = self.rt.clone();
         match config.protocol {
@@ -147,12 +179,19 @@ impl Control {
                 tokio::spawn(proxy::redirect::serve_http(listener, rt, https_port, stop.clone()));
             }
         }
-        self.listeners.lock().await.push(OpenListener { config, bound, stop });
+        self.open_listeners().push(OpenListener {
+            config,
+            bound,
+            stop,
+            socket,
+        });
     }
 
     /// Stops accepting on every listener.
     pub(crate) fn close_all(&self) {
         self.stop_all.cancel();
+        // The spare handles keep sockets open; drop them so connections are refused.
+        self.open_listeners().clear();
     }
 
     /// Re-reads the config file (when there is one) and every certificate
@@ -215,42 +254,100 @@ impl Control {
             .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))?;
         drop(old_map);
 
-        // Listeners: bind the new ones before changing anything.
-        let mut listeners = self.listeners.lock().await;
-        let mut to_open = Vec::new();
-        for l in &new.listeners {
-            if !listeners.iter().any(|o| o.config == *l) {
-                let sock = crate::bind(l.addr).map_err(|e| e.to_string())?;
-                to_open.push((l.clone(), sock));
+        // Listeners: pair each new one with an open one (same settings
+        // first, then same address), and bind the rest, before changing
+        // anything. Pairing is one to one: two `127.0.0.1:0` listeners are
+        // two sockets. The lock is held until the swap so the pairing stays
+        // true (reloads are serialised anyway; shutdown may clear the list).
+        let to_open = {
+            let mut listeners = self.open_listeners();
+            let mut claimed = vec![false; listeners.len()];
+            let mut plans: Vec<Option<Plan>> = Vec::with_capacity(new.listeners.len());
+            for l in &new.listeners {
+                let same = (0..listeners.len()).find(|&i| !claimed[i] && listeners[i].config == *l);
+                plans.push(same.map(|i| {
+                    claimed[i] = true;
+                    Plan::Keep
+                }));
             }
-        }
-        // Upstream connect/idle timeouts and pool sizes are client settings:
-        // the snapshot built below rebuilds the clients whose settings changed.
-        if current.limits.max_connections != new.limits.max_connections || current.admin != new.admin {
-            tracing::warn!("limits.max_connections and admin.listen take effect after a restart");
-        }
-
-        // Publish: certificates, then routes (one swap each).
-        self.rt.certs.replace_map(map);
-        // ACME tasks follow the new sites (their slots are in service now).
-        self.acme.sync(&new);
-        let old_snap = self.rt.snapshot.load_full();
-        self.rt.publish(Snapshot::from_config(&new, Some(&old_snap)));
-
-        // Close listeners that went away; open the new ones.
-        listeners.retain(|o| {
-            let keep = new.listeners.contains(&o.config);
-            if !keep {
-                tracing::info!(addr = %o.bound, "closing listener");
-                report.closed.push(o.bound.to_string());
-                o.stop.cancel();
+            for (l, plan) in new.listeners.iter().zip(plans.iter_mut()) {
+                if plan.is_some() {
+                    continue;
+                }
+                let same_addr = (l.addr.port() != 0)
+                    .then(|| (0..listeners.len()).find(|&i| !claimed[i] && listeners[i].config.addr == l.addr))
+                    .flatten();
+                *plan = Some(match same_addr {
+                    Some(i) => {
+                        claimed[i] = true;
+                        let sock = listeners[i]
+                            .socket
+                            .as_ref()
+                            .ok_or_else(|| std::io::Error::other("no spare handle on the socket"))
+                            .and_then(std::net::TcpListener::try_clone)
+                            .and_then(TcpListener::from_std)
+                            .map_err(|e| {
+                                format!(
+                                    "{}: listener {}: cannot change its settings without a restart: {e}",
+                                    path.display(),
+                                    l.addr
+                                )
+                            })?;
+                        Plan::Reuse(i, sock)
+                    }
+                    None => Plan::Open(crate::bind(l.addr).map_err(|e| e.to_string())?),
+                });
             }
-            keep
-        });
-        drop(listeners);
-        for (cfg, sock) in to_open {
-            if let Ok(a) = sock.local_addr() {
-                report.opened.push(a.to_string());
+            // Upstream connect/idle timeouts and pool sizes are client settings:
+            // the snapshot built below rebuilds the clients whose settings changed.
+            if current.limits.max_connections != new.limits.max_connections || current.admin != new.admin {
+                tracing::warn!("limits.max_connections and admin.listen take effect after a restart");
+            }
+
+            // Publish: certificates, then routes (one swap each).
+            self.rt.certs.replace_map(map);
+            // ACME tasks follow the new sites (their slots are in service now).
+            self.acme.sync(&new);
+            let old_snap = self.rt.snapshot.load_full();
+            self.rt.publish(Snapshot::from_config(&new, Some(&old_snap)));
+
+            // Close listeners that went away (or change settings); open the new ones.
+            let mut to_open = Vec::new();
+            let mut reused = vec![false; listeners.len()];
+            for (cfg, plan) in new.listeners.iter().zip(plans.into_iter().flatten()) {
+                match plan {
+                    Plan::Keep => {}
+                    Plan::Reuse(i, sock) => {
+                        reused[i] = true;
+                        claimed[i] = false;
+                        to_open.push((cfg.clone(), sock, true));
+                    }
+                    Plan::Open(sock) => to_open.push((cfg.clone(), sock, false)),
+                }
+            }
+            let mut i = 0;
+            listeners.retain(|o| {
+                let (keep, reuse) = (claimed[i], reused[i]);
+                i += 1;
+                if !keep {
+                    if reuse {
+                        tracing::info!(addr = %o.bound, "listener keeps its socket with new settings");
+                        report.reconfigured.push(o.bound.to_string());
+                    } else {
+                        tracing::info!(addr = %o.bound, "closing listener");
+                        report.closed.push(o.bound.to_string());
+                    }
+                    o.stop.cancel();
+                }
+                keep
+            });
+            to_open
+        };
+        for (cfg, sock, reuse) in to_open {
+            if !reuse {
+                if let Ok(a) = sock.local_addr() {
+                    report.opened.push(a.to_string());
+                }
             }
             self.open(cfg, sock).await;
         }

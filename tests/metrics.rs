@@ -610,8 +610,6 @@ async fn traffic_metrics_count_requests_latency_handshakes_and_upstream_errors()
 /// in `Server::run`. A file replaced in between must not wait for the hash
 /// poll (`poll_interval`, 1 h here, 60 s by default).
 #[tokio::test]
-#[ignore = "src/certstore/watch.rs: spawn_watcher does not re-check the files once its watches are set up, \
-            so a change between load and watch start is only seen by the next hash poll"]
 async fn certificate_replaced_while_the_proxy_starts_is_picked_up_without_the_poll() {
     let now = unix_now();
     let pki = Pki::new();

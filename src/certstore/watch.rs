@@ -10,7 +10,7 @@ use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use notify::{RecursiveMode, Watcher};
@@ -24,6 +24,13 @@ use super::{load, CertEvent, CertSlot, CertSource, CertStore, Checks};
 const DEBOUNCE: Duration = Duration::from_millis(75);
 /// A burst is cut off after this long even if events keep coming.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
+
+/// Serialises reloads of file slots. The watcher task, a config reload
+/// (SIGHUP, `POST /reload`) and the hash poll may look at the same files at
+/// once; without this, an attempt that read older bytes could publish after
+/// one that read newer bytes and leave the old certificate in service while
+/// the stored hash says the files are already loaded. Control path only.
+static RELOAD: Mutex<()> = Mutex::new(());
 
 /// What a reload attempt of one slot did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,6 +61,7 @@ pub fn reload_slot(store: &CertStore, slot: &CertSlot, force: bool) -> Outcome {
     let CertSource::File { cert, key } = &slot.source else {
         return Outcome::Unchanged;
     };
+    let _serial = RELOAD.lock().unwrap_or_else(|e| e.into_inner());
     let read = |p: &Path| load::read(p).map_err(|e| e.to_string());
     let outcome = match (read(cert), read(key)) {
         (Err(e), _) | (_, Err(e)) => {
@@ -171,11 +179,16 @@ pub fn spawn_watcher(store: Arc<CertStore>, refresh: Arc<Notify>, poll_every: Du
     tokio::spawn(async move {
         let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
         let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) => {
+            Ok(ev) if ev.need_rescan() => {
+                // The kernel queue overflowed: events were lost.
+                let _ = tx.send(PathBuf::new());
+            }
+            Ok(ev) if changes_files(&ev.kind) => {
                 for p in ev.paths {
                     let _ = tx.send(p);
                 }
             }
+            Ok(_) => {}
             Err(e) => tracing::warn!(error = %e, "file watch error; the periodic check still runs"),
         }) {
             Ok(w) => Some(w),
@@ -184,9 +197,13 @@ pub fn spawn_watcher(store: Arc<CertStore>, refresh: Arc<Notify>, poll_every: Du
                 None
             }
         };
-        let mut watched: HashSet<PathBuf> = HashSet::new();
+        let mut watched: HashMap<PathBuf, Option<DirId>> = HashMap::new();
         let mut index: HashMap<PathBuf, Vec<Arc<CertSlot>>> = HashMap::new();
         rewatch(&store, watcher.as_mut(), &mut watched, &mut index);
+        // Files replaced between the initial load and the watches being in
+        // place sent no event we could see: look once now (unchanged files
+        // are only hashed).
+        reload_all(&store, false);
         let mut poll = tokio::time::interval(poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
@@ -219,6 +236,11 @@ pub fn spawn_watcher(store: Arc<CertStore>, refresh: Arc<Notify>, poll_every: Du
                     }
                     let mut seen = HashSet::new();
                     let mut any = false;
+                    if dirs.contains(Path::new("")) {
+                        // Lost events: look at everything.
+                        reload_all(&store, false);
+                        any = true;
+                    }
                     for d in &dirs {
                         for slot in index.get(d).into_iter().flatten() {
                             if seen.insert(slot.name.clone()) {
@@ -237,6 +259,37 @@ pub fn spawn_watcher(store: Arc<CertStore>, refresh: Arc<Notify>, poll_every: Du
     });
 }
 
+/// Whether an event can mean a file's contents or a name changed. Opens,
+/// reads and read-only closes are not changes; they must be ignored or the
+/// watcher's own reads of the files it watches (inotify reports `IN_OPEN`)
+/// would trigger a re-read every debounce period, forever.
+fn changes_files(kind: &notify::EventKind) -> bool {
+    use notify::event::{AccessKind, AccessMode};
+    use notify::EventKind;
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Other => true,
+    }
+}
+
+/// Identity of a directory (device and inode, through symlinks), so a
+/// directory that was replaced under the same name gets a fresh watch: the
+/// old watch stays on the old inode and would see nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct DirId(u64, u64);
+
+#[cfg(unix)]
+fn dir_id(d: &Path) -> Option<DirId> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(d).ok().map(|m| DirId(m.dev(), m.ino()))
+}
+
+#[cfg(not(unix))]
+fn dir_id(d: &Path) -> Option<DirId> {
+    d.exists().then_some(DirId(0, 0))
+}
+
 fn add_dir(dirs: &mut HashSet<PathBuf>, p: &Path) {
     dirs.insert(p.to_path_buf());
     if let Some(parent) = p.parent() {
@@ -247,7 +300,7 @@ fn add_dir(dirs: &mut HashSet<PathBuf>, p: &Path) {
 fn rewatch(
     store: &CertStore,
     watcher: Option<&mut notify::RecommendedWatcher>,
-    watched: &mut HashSet<PathBuf>,
+    watched: &mut HashMap<PathBuf, Option<DirId>>,
     index: &mut HashMap<PathBuf, Vec<Arc<CertSlot>>>,
 ) {
     index.clear();
@@ -263,22 +316,56 @@ fn rewatch(
         }
     }
     let Some(w) = watcher else { return };
-    let wanted: HashSet<PathBuf> = index.keys().cloned().collect();
-    for gone in watched.difference(&wanted) {
+    let wanted: HashMap<PathBuf, Option<DirId>> = index.keys().map(|d| (d.clone(), dir_id(d))).collect();
+    for (gone, _) in watched.iter().filter(|(d, id)| id.is_some() && !wanted.contains_key(*d)) {
         let _ = w.unwatch(gone);
     }
-    for d in &wanted {
-        if !watched.contains(d) {
-            if let Err(e) = w.watch(d, RecursiveMode::NonRecursive) {
-                tracing::debug!(dir = %d.display(), error = %e, "cannot watch directory");
-            }
+    let mut now_watched = HashMap::with_capacity(wanted.len());
+    for (d, id) in wanted {
+        let before = watched.get(&d).copied().flatten();
+        if before.is_some() && before == id {
+            now_watched.insert(d, id);
+            continue;
         }
-    }
-    // A directory that was deleted and recreated needs a fresh watch.
-    for d in watched.intersection(&wanted) {
-        if !d.exists() {
-            let _ = w.unwatch(d);
+        if before.is_some() {
+            // Same name, another directory (deleted and recreated, or a
+            // symlink such as Kubernetes' `..data` re-pointed): the old
+            // watch is on the old inode and sees nothing more.
+            let _ = w.unwatch(&d);
         }
+        // Not there (yet): the parent's watch or the poll will see it appear,
+        // and the reload that follows calls this again.
+        let ok = id.is_some()
+            && w.watch(&d, RecursiveMode::NonRecursive)
+                .inspect_err(|e| tracing::debug!(dir = %d.display(), error = %e, "cannot watch directory"))
+                .is_ok();
+        // Only a watch in place is remembered, so a failed one is tried again.
+        now_watched.insert(d, if ok { id } else { None });
     }
-    *watched = wanted.into_iter().filter(|d| d.exists()).collect();
+    *watched = now_watched;
+}
+
+#[cfg(test)]
+mod tests {
+    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+    use notify::EventKind;
+
+    use super::changes_files;
+
+    #[test]
+    fn reads_of_watched_files_are_not_changes() {
+        assert!(!changes_files(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
+        assert!(!changes_files(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(!changes_files(&EventKind::Access(AccessKind::Read)));
+    }
+
+    #[test]
+    fn writes_renames_and_removals_are_changes() {
+        assert!(changes_files(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
+        assert!(changes_files(&EventKind::Modify(ModifyKind::Data(DataChange::Any))));
+        assert!(changes_files(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(changes_files(&EventKind::Create(CreateKind::File)));
+        assert!(changes_files(&EventKind::Remove(RemoveKind::File)));
+        assert!(changes_files(&EventKind::Other));
+    }
 }
