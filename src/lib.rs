@@ -174,6 +174,9 @@ impl Server {
     pub async fn run(self) -> Result<(), Error> {
         let control = self.control.clone();
         let rt = control.runtime().clone();
+        let background = CancellationToken::new();
+        // Before listening: a SIGHUP that arrives once we are reachable reloads.
+        shutdown::on_reload_signal(control.clone(), background.clone());
         for (cfg, listener) in self.listeners {
             control.open(cfg, listener).await;
         }
@@ -182,7 +185,6 @@ impl Server {
             tracing::info!(protocol = "admin", addr = %fmt_addr(admin.local_addr().ok()), "listening");
             tokio::spawn(admin::serve(admin, self.admin_state.clone(), admin_stop.clone()));
         }
-        let background = CancellationToken::new();
         if let Some(ca) = &self.ca {
             certstore::internal::spawn_renewer(rt.certs.clone(), ca.clone(), background.clone());
         }
@@ -193,7 +195,6 @@ impl Server {
             self.poll_interval,
             background.clone(),
         );
-        shutdown::on_reload_signal(control.clone(), background.clone());
         {
             let rt2 = rt.clone();
             let every = rt.snapshot.load().purge_interval;

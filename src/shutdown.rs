@@ -32,24 +32,28 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// Reloads the configuration and certificates on every SIGHUP.
+/// Reloads the configuration and certificates on every SIGHUP. The handler
+/// is installed before this returns: until then a SIGHUP would terminate
+/// the process (its default action), so call it before listening.
 pub fn on_reload_signal(control: std::sync::Arc<crate::control::Control>, stop: CancellationToken) {
     #[cfg(unix)]
-    tokio::spawn(async move {
+    {
         use tokio::signal::unix::{signal, SignalKind};
         let Ok(mut hup) = signal(SignalKind::hangup()) else {
             tracing::warn!("cannot listen for SIGHUP; use POST /reload instead");
             return;
         };
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = hup.recv() => if r.is_none() { return },
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = hup.recv() => if r.is_none() { return },
+                }
+                tracing::info!("SIGHUP received; reloading");
+                let _ = control.reload().await;
             }
-            tracing::info!("SIGHUP received; reloading");
-            let _ = control.reload().await;
-        }
-    });
+        });
+    }
     #[cfg(not(unix))]
     let _ = (control, stop);
 }
