@@ -23,7 +23,8 @@ use portcullis::proxy::{Route, Site};
 /// lookup cost does not depend on the certificate).
 fn sample_cert(dir: &Path) -> ServedCert {
     let ca = certstore::InternalCa::load_or_create(dir).unwrap();
-    ca.issue(&[HostPattern::Exact("bench.test".into())]).unwrap()
+    ca.issue(&[HostPattern::Exact("bench.test".into())])
+        .unwrap()
 }
 
 fn store_with(n: usize, cert: &ServedCert) -> CertStore {
@@ -50,7 +51,9 @@ fn sni_resolve(c: &mut Criterion) {
     let mut g = c.benchmark_group("sni_resolve");
     for n in [10usize, 10_000] {
         let store = store_with(n, &cert);
-        let names: Vec<String> = (0..64).map(|i| format!("host{}.bench.test", (i * 7919) % n)).collect();
+        let names: Vec<String> = (0..64)
+            .map(|i| format!("host{}.bench.test", (i * 7919) % n))
+            .collect();
         let mut i = 0;
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
@@ -95,17 +98,32 @@ fn cert_replace(c: &mut Criterion) {
     g.bench_function("validate_and_publish", |b| {
         b.iter(|| black_box(certstore::watch::reload_slot(&store, &slot, true)))
     });
-    let ready = certstore::load::load_files(&cert_path, &key_path, &hosts, Checks { allow_expired: false }).unwrap();
-    g.bench_function("publish_only", |b| b.iter(|| slot.publish(black_box(ready.clone()))));
+    let ready = certstore::load::load_files(
+        &cert_path,
+        &key_path,
+        &hosts,
+        Checks {
+            allow_expired: false,
+        },
+    )
+    .unwrap();
+    g.bench_function("publish_only", |b| {
+        b.iter(|| slot.publish(black_box(ready.clone())))
+    });
     g.finish();
 }
 
 /// A certificate and key for `hosts`, signed by the internal CA in `ca_dir`.
 fn issue_pair(ca_dir: &Path, hosts: &[HostPattern]) -> (String, String) {
-    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("internal-ca/ca.key")).unwrap()).unwrap();
-    let issuer =
-        rcgen::Issuer::from_ca_cert_pem(&std::fs::read_to_string(ca_dir.join("internal-ca/ca.pem")).unwrap(), ca_key)
-            .unwrap();
+    let ca_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(ca_dir.join("internal-ca/ca.key")).unwrap(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(
+        &std::fs::read_to_string(ca_dir.join("internal-ca/ca.pem")).unwrap(),
+        ca_key,
+    )
+    .unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
     let names: Vec<String> = hosts.iter().map(ToString::to_string).collect();
     let params = rcgen::CertificateParams::new(names).unwrap();
@@ -114,19 +132,26 @@ fn issue_pair(ca_dir: &Path, hosts: &[HostPattern]) -> (String, String) {
 }
 
 fn route_match(c: &mut Criterion) {
-    let routes = ["/v1/users/", "/v1/orders/", "/v1/", "/static/", "/healthz", "/"]
-        .iter()
-        .map(|p| Route {
-            prefix: p.to_string(),
-            action: RouteAction::Respond {
-                status: http::StatusCode::OK,
-                body: bytes::Bytes::new(),
-                content_type: String::new(),
-            },
-            limits: Vec::new(),
-            upstream: None,
-        })
-        .collect();
+    let routes = [
+        "/v1/users/",
+        "/v1/orders/",
+        "/v1/",
+        "/static/",
+        "/healthz",
+        "/",
+    ]
+    .iter()
+    .map(|p| Route {
+        prefix: p.to_string(),
+        action: RouteAction::Respond {
+            status: http::StatusCode::OK,
+            body: bytes::Bytes::new(),
+            content_type: String::new(),
+        },
+        limits: Vec::new(),
+        upstream: None,
+    })
+    .collect();
     let site = Site {
         name: "bench".into(),
         routes,
@@ -175,7 +200,9 @@ fn limiter_check(c: &mut Criterion) {
         shadow: false,
     };
     let lim = Limiter::new(cfg, 1_000_000);
-    let ips: Vec<IpAddr> = (0..1024u32).map(|i| IpAddr::from((0x0a00_0000 + i).to_be_bytes())).collect();
+    let ips: Vec<IpAddr> = (0..1024u32)
+        .map(|i| IpAddr::from((0x0a00_0000 + i).to_be_bytes()))
+        .collect();
     let mut i = 0;
     c.bench_function("limiter_check", |b| {
         b.iter(|| {
@@ -192,7 +219,9 @@ fn metrics_scrape(c: &mut Criterion) {
     let metrics = Metrics::new();
     let mut g = c.benchmark_group("metrics_scrape");
     g.sample_size(20);
-    g.bench_function("10000_certs", |b| b.iter(|| black_box(metrics.render(&store).len())));
+    g.bench_function("10000_certs", |b| {
+        b.iter(|| black_box(metrics.render(&store).len()))
+    });
     g.finish();
 }
 

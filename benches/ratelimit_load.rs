@@ -47,13 +47,17 @@ fn main() {
     } else {
         (Duration::from_millis(300), 1, Duration::ZERO)
     };
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(bench_main(run, rounds, warmup, bench));
 }
 
 async fn bench_main(run: Duration, rounds: usize, warmup: Duration, bench: bool) {
     let pki = Pki::new();
-    let (up, _stop) = upstream(|_req| async { Response::new(full(Bytes::from_static(b"ok\n"))) }).await;
+    let (up, _stop) =
+        upstream(|_req| async { Response::new(full(Bytes::from_static(b"ok\n"))) }).await;
     let dir = tempfile::tempdir().unwrap();
     pki.leaf(&[HOST], Alg::Ecdsa).write(dir.path(), "");
     let proxy = Proxy::start_in(
@@ -95,8 +99,12 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
     let mut senders = Vec::new();
     for i in 0..CONNECTIONS {
         let from = IpAddr::from([127, 0, 1, i + 1]);
-        let tls = tls_connect_from(from, proxy.https, HOST, cfg.clone()).await.unwrap();
-        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+        let tls = tls_connect_from(from, proxy.https, HOST, cfg.clone())
+            .await
+            .unwrap();
+        let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
         tokio::spawn(conn);
         senders.push(send);
     }
@@ -115,7 +123,11 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
     let (mut on_cpu, mut off_cpu) = (0u64, 0u64);
     for round in 0..rounds {
         let mut rps = [0.0f64; 2];
-        let order = if round % 2 == 0 { ["/limited", "/open"] } else { ["/open", "/limited"] };
+        let order = if round % 2 == 0 {
+            ["/limited", "/open"]
+        } else {
+            ["/open", "/limited"]
+        };
         let mut line = format!("  round {}:", round + 1);
         for path in order {
             if !warmup.is_zero() {
@@ -125,7 +137,11 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
             let (s, (n, took)) = drive(senders, path, run).await;
             let cpu = cpu_ticks() - cpu0;
             senders = s;
-            let (acc, acc_cpu) = if path == "/limited" { (&mut on, &mut on_cpu) } else { (&mut off, &mut off_cpu) };
+            let (acc, acc_cpu) = if path == "/limited" {
+                (&mut on, &mut on_cpu)
+            } else {
+                (&mut off, &mut off_cpu)
+            };
             acc.0 += n;
             acc.1 += took;
             *acc_cpu += cpu;
@@ -176,7 +192,11 @@ fn cpu_ticks() -> u64 {
 /// Sends `GET path` back to back on every connection for `run`; returns the
 /// connections, the responses received and the time taken. Every response
 /// must be a 200 (the generous limits never reject).
-async fn drive(senders: Vec<Sender>, path: &'static str, run: Duration) -> (Vec<Sender>, (u64, Duration)) {
+async fn drive(
+    senders: Vec<Sender>,
+    path: &'static str,
+    run: Duration,
+) -> (Vec<Sender>, (u64, Duration)) {
     let start = Instant::now();
     let deadline = start + run;
     let tasks: Vec<_> = senders

@@ -118,9 +118,18 @@ fn main() {
         mib(hwm0),
     );
 
-    assert!(keys >= u64::from(KEYS) - 1 && keys <= u64::from(KEYS) + 1024, "keys {keys}");
-    assert!(keys2 <= u64::from(KEYS) + 1024, "the cap holds: {keys2} keys");
-    assert!(limited > KEYS / 2, "new clients past the cap share one bucket: {limited} limited");
+    assert!(
+        keys >= u64::from(KEYS) - 1 && keys <= u64::from(KEYS) + 1024,
+        "keys {keys}"
+    );
+    assert!(
+        keys2 <= u64::from(KEYS) + 1024,
+        "the cap holds: {keys2} keys"
+    );
+    assert!(
+        limited > KEYS / 2,
+        "new clients past the cap share one bucket: {limited} limited"
+    );
     assert!(
         peak_per_key <= BOUND_BYTES_PER_KEY,
         "{peak_per_key} bytes/key at peak is over the stated {BOUND_BYTES_PER_KEY}"

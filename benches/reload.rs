@@ -62,7 +62,11 @@ const SMOKE: Plan = Plan {
 const HOST: &str = "bench.test";
 
 fn main() {
-    let plan = if std::env::args().any(|a| a == "--bench") { FULL } else { SMOKE };
+    let plan = if std::env::args().any(|a| a == "--bench") {
+        FULL
+    } else {
+        SMOKE
+    };
     let started = Instant::now();
     // The proxy and the load generator on separate runtimes, so a busy
     // client side cannot starve the watcher (and the other way round).
@@ -91,18 +95,32 @@ fn main() {
     // (a) rename -> served.
     let mut latencies = client_rt.block_on(swap_latencies(addr, &pki, &cert, &key, plan.swaps));
     latencies.sort();
-    let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
+    let pct = |p: f64| {
+        latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1]
+    };
 
     // (b) throughput, quiet vs storms, windows in ABC / CBA order so drift
     // on a shared machine hits every condition alike.
     // (interval, whether files are written): the last one is a control, a
     // thread that wakes as often as the storm but writes nothing, to show
     // what scheduling noise alone does to the numbers.
-    let storms = [(plan.storm_every, true), (Duration::from_millis(150), true), (plan.storm_every, false)];
+    let storms = [
+        (plan.storm_every, true),
+        (Duration::from_millis(150), true),
+        (plan.storm_every, false),
+    ];
     let mut rows = Vec::new();
     for (label, kind, clients) in [
-        ("keep-alive HTTP/1.1", Load::KeepAlive, plan.keepalive_clients),
-        ("full handshake per request", Load::Handshake, plan.handshake_clients),
+        (
+            "keep-alive HTTP/1.1",
+            Load::KeepAlive,
+            plan.keepalive_clients,
+        ),
+        (
+            "full handshake per request",
+            Load::Handshake,
+            plan.handshake_clients,
+        ),
     ] {
         // Index 0: quiet; 1..: storms. (requests, time, certificates published)
         let mut totals = vec![(0u64, Duration::ZERO, 0usize); storms.len() + 1];
@@ -114,8 +132,15 @@ fn main() {
             for c in order {
                 let mut events = certs.subscribe();
                 let storming = Arc::new(AtomicBool::new(true));
-                let swapper = (c > 0)
-                    .then(|| spawn_storm(pki.clone(), cert.clone(), key.clone(), storms[c - 1], storming.clone()));
+                let swapper = (c > 0).then(|| {
+                    spawn_storm(
+                        pki.clone(),
+                        cert.clone(),
+                        key.clone(),
+                        storms[c - 1],
+                        storming.clone(),
+                    )
+                });
                 let (n, d) = client_rt.block_on(load(addr, &pki, kind, clients, plan.window));
                 storming.store(false, Ordering::SeqCst);
                 if let Some(s) = swapper {
@@ -129,11 +154,23 @@ fn main() {
     }
 
     println!();
-    println!("| hot reload ({} swaps; load windows {:?} x {} per condition) | value |", plan.swaps, plan.window, plan.windows);
+    println!(
+        "| hot reload ({} swaps; load windows {:?} x {} per condition) | value |",
+        plan.swaps, plan.window, plan.windows
+    );
     println!("|---|---|");
-    println!("| rename -> new certificate served by a fresh handshake, p50 | {:.1} ms |", ms(pct(0.50)));
-    println!("| rename -> new certificate served by a fresh handshake, p99 | {:.1} ms |", ms(pct(0.99)));
-    println!("| rename -> new certificate served, max | {:.1} ms |", ms(*latencies.last().unwrap()));
+    println!(
+        "| rename -> new certificate served by a fresh handshake, p50 | {:.1} ms |",
+        ms(pct(0.50))
+    );
+    println!(
+        "| rename -> new certificate served by a fresh handshake, p99 | {:.1} ms |",
+        ms(pct(0.99))
+    );
+    println!(
+        "| rename -> new certificate served, max | {:.1} ms |",
+        ms(*latencies.last().unwrap())
+    );
     let rate = |(n, d, _): (u64, Duration, usize)| n as f64 / d.as_secs_f64();
     for (label, clients, totals) in &rows {
         let quiet = rate(totals[0]);
@@ -141,9 +178,16 @@ fn main() {
         for (i, (every, writes)) in storms.iter().enumerate() {
             let t = totals[i + 1];
             let what = if *writes {
-                format!("new certificate renamed in every {} ms ({} published)", every.as_millis(), t.2)
+                format!(
+                    "new certificate renamed in every {} ms ({} published)",
+                    every.as_millis(),
+                    t.2
+                )
             } else {
-                format!("control: a thread waking every {} ms, no writes", every.as_millis())
+                format!(
+                    "control: a thread waking every {} ms, no writes",
+                    every.as_millis()
+                )
             };
             println!(
                 "| {label}, {clients} clients, {what} | {:.0} req/s (/ quiet {:.3}) |",
@@ -167,7 +211,10 @@ fn ms(d: Duration) -> f64 {
 /// Writes both files to temp names, then renames them into place: the
 /// two renames are the "write". Returns when it is done.
 fn rename_in(cert: &Path, key: &Path, leaf: &Leaf) -> Instant {
-    let (ct, kt) = (cert.with_extension("bench-tmp"), key.with_extension("bench-tmp"));
+    let (ct, kt) = (
+        cert.with_extension("bench-tmp"),
+        key.with_extension("bench-tmp"),
+    );
     std::fs::write(&ct, &leaf.chain_pem).unwrap();
     std::fs::write(&kt, &leaf.key_pem).unwrap();
     let t0 = Instant::now();
@@ -176,7 +223,13 @@ fn rename_in(cert: &Path, key: &Path, leaf: &Leaf) -> Instant {
     t0
 }
 
-async fn swap_latencies(addr: SocketAddr, pki: &Pki, cert: &Path, key: &Path, swaps: usize) -> Vec<Duration> {
+async fn swap_latencies(
+    addr: SocketAddr,
+    pki: &Pki,
+    cert: &Path,
+    key: &Path,
+    swaps: usize,
+) -> Vec<Duration> {
     let cfg = full_handshake_config(pki, &[]);
     let mut out = Vec::with_capacity(swaps);
     for i in 0..swaps {
@@ -184,12 +237,17 @@ async fn swap_latencies(addr: SocketAddr, pki: &Pki, cert: &Path, key: &Path, sw
         let t0 = rename_in(cert, key, &leaf);
         let deadline = t0 + Duration::from_secs(10);
         loop {
-            let tls = tls_connect(addr, HOST, cfg.clone()).await.expect("handshake");
+            let tls = tls_connect(addr, HOST, cfg.clone())
+                .await
+                .expect("handshake");
             if serial_of(&peer_leaf(&tls)) == leaf.serial {
                 out.push(t0.elapsed());
                 break;
             }
-            assert!(Instant::now() < deadline, "swap {i}: not served within 10 s");
+            assert!(
+                Instant::now() < deadline,
+                "swap {i}: not served within 10 s"
+            );
         }
     }
     out
@@ -203,7 +261,13 @@ enum Load {
 
 /// `clients` concurrent clients sending `GET /` for `window`; returns
 /// (completed requests, elapsed).
-async fn load(addr: SocketAddr, pki: &Arc<Pki>, kind: Load, clients: usize, window: Duration) -> (u64, Duration) {
+async fn load(
+    addr: SocketAddr,
+    pki: &Arc<Pki>,
+    kind: Load,
+    clients: usize,
+    window: Duration,
+) -> (u64, Duration) {
     let done = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
     let end = t0 + window;
@@ -213,8 +277,12 @@ async fn load(addr: SocketAddr, pki: &Arc<Pki>, kind: Load, clients: usize, wind
         tasks.push(tokio::spawn(async move {
             match kind {
                 Load::KeepAlive => {
-                    let tls = tls_connect(addr, HOST, pki.client_config(&[b"http/1.1"])).await.unwrap();
-                    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await.unwrap();
+                    let tls = tls_connect(addr, HOST, pki.client_config(&[b"http/1.1"]))
+                        .await
+                        .unwrap();
+                    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+                        .await
+                        .unwrap();
                     tokio::spawn(conn);
                     while Instant::now() < end {
                         send.ready().await.unwrap();
@@ -228,8 +296,12 @@ async fn load(addr: SocketAddr, pki: &Arc<Pki>, kind: Load, clients: usize, wind
                     let cfg = full_handshake_config(&pki, &[b"h2"]);
                     while Instant::now() < end {
                         let tls = tls_connect(addr, HOST, cfg.clone()).await.unwrap();
-                        let (mut send, conn) =
-                            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+                        let (mut send, conn) = hyper::client::conn::http2::handshake(
+                            TokioExecutor::new(),
+                            TokioIo::new(tls),
+                        )
+                        .await
+                        .unwrap();
                         tokio::spawn(conn);
                         let resp = send.send_request(get_req_h2()).await.unwrap();
                         assert_eq!(resp.status(), 200);
@@ -247,7 +319,9 @@ async fn load(addr: SocketAddr, pki: &Arc<Pki>, kind: Load, clients: usize, wind
 }
 
 fn get_req() -> hyper::Request<Empty<Bytes>> {
-    req_builder(b"http/1.1", HOST, "/").body(Empty::new()).unwrap()
+    req_builder(b"http/1.1", HOST, "/")
+        .body(Empty::new())
+        .unwrap()
 }
 
 fn get_req_h2() -> hyper::Request<Empty<Bytes>> {
@@ -280,7 +354,9 @@ fn spawn_storm(
     })
 }
 
-fn drain_published(rx: &mut tokio::sync::broadcast::Receiver<portcullis::certstore::CertEvent>) -> usize {
+fn drain_published(
+    rx: &mut tokio::sync::broadcast::Receiver<portcullis::certstore::CertEvent>,
+) -> usize {
     let mut n = 0;
     loop {
         match rx.try_recv() {

@@ -146,10 +146,10 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         },
         (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
             let name = &p["/certs/".len()..p.len() - "/renew".len()];
-            let force = req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv == "force" || kv == "force=1" || kv == "force=true"));
+            let force = req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv == "force" || kv == "force=1" || kv == "force=true")
+            });
             if state.control.acme().manages(name) {
                 let (acme, n) = (state.control.acme().clone(), name.to_string());
                 return acme_action(name, async move { acme.renew(&n, force).await }).await;
@@ -173,7 +173,10 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 );
             };
             if state.control.certs().slot(name).is_none() {
-                return text(StatusCode::NOT_FOUND, format!("no certificate named {name:?}\n"));
+                return text(
+                    StatusCode::NOT_FOUND,
+                    format!("no certificate named {name:?}\n"),
+                );
             }
             if !state.control.acme().manages(name) {
                 return text(
@@ -199,7 +202,9 @@ const ACME_WAIT: std::time::Duration = std::time::Duration::from_secs(100);
 /// Runs an ACME renewal or revocation and turns its outcome into a reply.
 async fn acme_action(
     name: &str,
-    action: impl std::future::Future<Output = Result<crate::acme::ActionReport, crate::acme::AcmeError>> + Send + 'static,
+    action: impl std::future::Future<Output = Result<crate::acme::ActionReport, crate::acme::AcmeError>>
+        + Send
+        + 'static,
 ) -> Response<Full<Bytes>> {
     use crate::acme::AcmeError;
     let task = tokio::spawn(action);
@@ -208,7 +213,10 @@ async fn acme_action(
             StatusCode::ACCEPTED,
             &serde_json::json!({ "ok": true, "name": name, "pending": true, "reason": "the order is still running; watch GET /certs" }),
         ),
-        Ok(Err(e)) => json(StatusCode::INTERNAL_SERVER_ERROR, &serde_json::json!({ "ok": false, "error": e.to_string() })),
+        Ok(Err(e)) => json(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &serde_json::json!({ "ok": false, "error": e.to_string() }),
+        ),
         Ok(Ok(Ok(report))) => {
             let mut v = serde_json::to_value(&report).unwrap_or_default();
             v["ok"] = serde_json::Value::Bool(true);
@@ -220,7 +228,10 @@ async fn acme_action(
                 AcmeError::Config(_) | AcmeError::Storage(_) => StatusCode::INTERNAL_SERVER_ERROR,
                 _ => StatusCode::BAD_GATEWAY,
             };
-            json(status, &serde_json::json!({ "ok": false, "name": name, "error": e.to_string() }))
+            json(
+                status,
+                &serde_json::json!({ "ok": false, "name": name, "error": e.to_string() }),
+            )
         }
     }
 }
@@ -228,13 +239,20 @@ async fn acme_action(
 fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
     let store = state.control.certs();
     let Some(slot) = store.slot(name) else {
-        return text(StatusCode::NOT_FOUND, format!("no certificate named {name:?}\n"));
+        return text(
+            StatusCode::NOT_FOUND,
+            format!("no certificate named {name:?}\n"),
+        );
     };
     if !force && slot.source == CertSource::Internal {
         let due = slot.current().is_none_or(|c| {
             let now = std::time::SystemTime::now();
             let left = c.info.not_after.duration_since(now).unwrap_or_default();
-            let life = c.info.not_after.duration_since(c.info.not_before).unwrap_or_default();
+            let life = c
+                .info
+                .not_after
+                .duration_since(c.info.not_before)
+                .unwrap_or_default();
             left < life / 3
         });
         if !due {
@@ -276,8 +294,10 @@ fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -286,7 +306,9 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
     body.push(b'\n');
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
     r
 }

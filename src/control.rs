@@ -138,7 +138,10 @@ impl Control {
 
     /// Last reload outcome.
     pub fn status(&self) -> ReloadStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Bound addresses of open listeners of a kind.
@@ -176,7 +179,12 @@ impl Control {
             }
             ListenerProtocol::Http { https_port } => {
                 tracing::info!(protocol = "http", addr = %bound, "listening");
-                tokio::spawn(proxy::redirect::serve_http(listener, rt, https_port, stop.clone()));
+                tokio::spawn(proxy::redirect::serve_http(
+                    listener,
+                    rt,
+                    https_port,
+                    stop.clone(),
+                ));
             }
         }
         self.open_listeners().push(OpenListener {
@@ -234,8 +242,14 @@ impl Control {
         };
         let new = Config::load(path).map_err(|e| e.to_string())?;
         crate::acme::preflight(&new)?;
-        let has_acme = |c: &Config| c.sites.iter().any(|s| matches!(s.tls, crate::config::TlsSource::Acme(_)));
-        if new.state_dir != current.state_dir && (self.ca.is_some() || has_acme(&current) || has_acme(&new)) {
+        let has_acme = |c: &Config| {
+            c.sites
+                .iter()
+                .any(|s| matches!(s.tls, crate::config::TlsSource::Acme(_)))
+        };
+        if new.state_dir != current.state_dir
+            && (self.ca.is_some() || has_acme(&current) || has_acme(&new))
+        {
             return Err(format!(
                 "{}: state_dir: changing the state directory needs a restart",
                 path.display()
@@ -250,8 +264,13 @@ impl Control {
         }
         // Certificates: new/changed sites load now; unchanged ones keep their slot.
         let old_map = self.rt.certs.map();
-        let map = CertStore::build_map(&new, self.ca.as_deref(), Some(&old_map))
-            .map_err(|errs| errs.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))?;
+        let map =
+            CertStore::build_map(&new, self.ca.as_deref(), Some(&old_map)).map_err(|errs| {
+                errs.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })?;
         drop(old_map);
 
         // Listeners: pair each new one with an open one (same settings
@@ -275,7 +294,10 @@ impl Control {
                     continue;
                 }
                 let same_addr = (l.addr.port() != 0)
-                    .then(|| (0..listeners.len()).find(|&i| !claimed[i] && listeners[i].config.addr == l.addr))
+                    .then(|| {
+                        (0..listeners.len())
+                            .find(|&i| !claimed[i] && listeners[i].config.addr == l.addr)
+                    })
                     .flatten();
                 *plan = Some(match same_addr {
                     Some(i) => {
@@ -300,8 +322,12 @@ impl Control {
             }
             // Upstream connect/idle timeouts and pool sizes are client settings:
             // the snapshot built below rebuilds the clients whose settings changed.
-            if current.limits.max_connections != new.limits.max_connections || current.admin != new.admin {
-                tracing::warn!("limits.max_connections and admin.listen take effect after a restart");
+            if current.limits.max_connections != new.limits.max_connections
+                || current.admin != new.admin
+            {
+                tracing::warn!(
+                    "limits.max_connections and admin.listen take effect after a restart"
+                );
             }
 
             // Publish: certificates, then routes (one swap each).
@@ -309,7 +335,8 @@ impl Control {
             // ACME tasks follow the new sites (their slots are in service now).
             self.acme.sync(&new);
             let old_snap = self.rt.snapshot.load_full();
-            self.rt.publish(Snapshot::from_config(&new, Some(&old_snap)));
+            self.rt
+                .publish(Snapshot::from_config(&new, Some(&old_snap)));
 
             // Close listeners that went away (or change settings); open the new ones.
             let mut to_open = Vec::new();

@@ -95,7 +95,9 @@ impl Server {
         acme::preflight(&config).map_err(Error::Acme)?;
         let needs_ca = config.sites.iter().any(|s| s.tls.needs_internal_ca());
         let ca = if needs_ca {
-            Some(Arc::new(InternalCa::load_or_create(&config.state_dir).map_err(Error::InternalCa)?))
+            Some(Arc::new(
+                InternalCa::load_or_create(&config.state_dir).map_err(Error::InternalCa)?,
+            ))
         } else {
             None
         };
@@ -112,7 +114,11 @@ impl Server {
         };
         let grace = config.timeouts.shutdown_grace;
         let poll_interval = config.cert_poll_interval;
-        let acme = Arc::new(acme::Manager::new(&config, rt.certs.clone(), metrics.clone()));
+        let acme = Arc::new(acme::Manager::new(
+            &config,
+            rt.certs.clone(),
+            metrics.clone(),
+        ));
         let control = Arc::new(control::Control::new(config, rt, ca.clone(), acme));
         Ok(Server {
             admin_state: Arc::new(admin::AdminState::new(control.clone(), metrics)),
@@ -183,7 +189,11 @@ impl Server {
         let admin_stop = CancellationToken::new();
         if let Some(admin) = self.admin {
             tracing::info!(protocol = "admin", addr = %fmt_addr(admin.local_addr().ok()), "listening");
-            tokio::spawn(admin::serve(admin, self.admin_state.clone(), admin_stop.clone()));
+            tokio::spawn(admin::serve(
+                admin,
+                self.admin_state.clone(),
+                admin_stop.clone(),
+            ));
         }
         if let Some(ca) = &self.ca {
             certstore::internal::spawn_renewer(rt.certs.clone(), ca.clone(), background.clone());
@@ -224,7 +234,10 @@ impl Server {
         background.cancel();
         rt.tracker.close();
         let grace = self.grace;
-        if tokio::time::timeout(grace, rt.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(grace, rt.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!(
                 grace = ?grace,
                 open = rt.tracker.len(),

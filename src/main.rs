@@ -14,7 +14,11 @@ use portcullis::config::{Config, HostPattern, TlsSource};
 use portcullis::Server;
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "A TLS-terminating reverse proxy that keeps its certificates alive")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "A TLS-terminating reverse proxy that keeps its certificates alive"
+)]
 struct Cli {
     /// Log format.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Human)]
@@ -198,7 +202,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             }
             let now = std::time::SystemTime::now();
             let soon: Vec<_> = within
-                .map(|w| reports.iter().filter(|r| r.expires_within(w, now)).collect())
+                .map(|w| {
+                    reports
+                        .iter()
+                        .filter(|r| r.expires_within(w, now))
+                        .collect()
+                })
                 .unwrap_or_default();
             if !soon.is_empty() {
                 for r in &soon {
@@ -220,7 +229,12 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             within,
             timeout,
         } => {
-            let ins = match block_on(portcullis::ops::inspect(&target, servername.as_deref(), cafile.as_deref(), timeout))? {
+            let ins = match block_on(portcullis::ops::inspect(
+                &target,
+                servername.as_deref(),
+                cafile.as_deref(),
+                timeout,
+            ))? {
                 Ok(i) => i,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -235,25 +249,49 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                     ok = false;
                 }
             }
-            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Reload { admin } => {
-            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", "/reload"))??;
+            let (status, body) =
+                block_on(portcullis::ops::admin_request(&admin, "POST", "/reload"))??;
             print!("{body}");
-            Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Renew { name, force, admin } => {
             let path = format!("/certs/{name}/renew{}", if force { "?force=1" } else { "" });
             let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
             print!("{body}");
-            Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
-        Command::Revoke { name, reason, admin } => {
-            let reason = reason.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default();
+        Command::Revoke {
+            name,
+            reason,
+            admin,
+        } => {
+            let reason = reason
+                .to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default();
             let path = format!("/certs/{name}/revoke?reason={reason}");
             let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
             print!("{body}");
-            Ok(if status == 200 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+            Ok(if status == 200 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Validate { config } => Ok(validate(&config)),
         Command::Run { config } => {
@@ -297,7 +335,11 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
             let admin = if admin == "off" {
                 None
             } else {
-                Some(admin.parse::<SocketAddr>().with_context(|| format!("--admin {admin:?} is not IP:PORT or \"off\""))?)
+                Some(
+                    admin
+                        .parse::<SocketAddr>()
+                        .with_context(|| format!("--admin {admin:?} is not IP:PORT or \"off\""))?,
+                )
             };
             let config = Config::reverse_proxy(addr, hosts, to, tls, state_dir, admin);
             serve(config)
@@ -322,7 +364,9 @@ fn validate(path: &std::path::Path) -> ExitCode {
                 cert,
                 key,
                 &site.hosts,
-                portcullis::certstore::Checks { allow_expired: true },
+                portcullis::certstore::Checks {
+                    allow_expired: true,
+                },
             ) {
                 eprintln!("{origin}: {e}");
                 failed = true;
@@ -353,10 +397,15 @@ fn serve(config: Config) -> Result<ExitCode> {
             .parse::<usize>()
             .ok()
             .filter(|n| *n > 0)
-            .with_context(|| format!("{WORKERS_ENV}={v:?} is not valid: write a number of threads, at least 1"))?;
+            .with_context(|| {
+                format!("{WORKERS_ENV}={v:?} is not valid: write a number of threads, at least 1")
+            })?;
         builder.worker_threads(n);
     }
-    let runtime = builder.enable_all().build().context("cannot start the async runtime")?;
+    let runtime = builder
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let shutdown = CancellationToken::new();
         portcullis::shutdown::on_signals(shutdown.clone());
@@ -400,7 +449,9 @@ fn parse_from(from: &str) -> Result<(SocketAddr, Option<String>)> {
         return Ok((a, None));
     }
     if let Some(port) = from.strip_prefix(':') {
-        let port: u16 = port.parse().with_context(|| format!("--from {from:?}: bad port"))?;
+        let port: u16 = port
+            .parse()
+            .with_context(|| format!("--from {from:?}: bad port"))?;
         return Ok((SocketAddr::from(([0, 0, 0, 0], port)), None));
     }
     let Some((host, _)) = from.rsplit_once(':') else {
@@ -415,7 +466,11 @@ fn parse_from(from: &str) -> Result<(SocketAddr, Option<String>)> {
 }
 
 fn parse_to(to: &str) -> Result<http::Uri> {
-    let with_scheme = if to.contains("://") { to.to_string() } else { format!("http://{to}") };
+    let with_scheme = if to.contains("://") {
+        to.to_string()
+    } else {
+        format!("http://{to}")
+    };
     let uri: http::Uri = with_scheme
         .parse()
         .with_context(|| format!("--to {to:?} is not a URL; write http://host:port"))?;

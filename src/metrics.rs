@@ -11,8 +11,8 @@ use std::fmt::Write as _;
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::certstore::{CertStore, ChainEntry};
@@ -85,7 +85,10 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
-            Opts::new("portcullis_http_requests_total", "HTTP requests by site, route, method and status class"),
+            Opts::new(
+                "portcullis_http_requests_total",
+                "HTTP requests by site, route, method and status class",
+            ),
             &["site", "route", "method", "status"],
         )
         .expect("valid metric");
@@ -94,30 +97,50 @@ impl Metrics {
                 "portcullis_http_request_duration_seconds",
                 "Time from request received to response head sent, by site and route",
             )
-            .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+            .buckets(vec![
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
+            ]),
             &["site", "route"],
         )
         .expect("valid metric");
-        let in_flight = IntGauge::new("portcullis_http_requests_in_flight", "Requests being served").expect("valid metric");
+        let in_flight = IntGauge::new(
+            "portcullis_http_requests_in_flight",
+            "Requests being served",
+        )
+        .expect("valid metric");
         let connections =
-            IntGauge::new("portcullis_connections_open", "Open downstream connections").expect("valid metric");
+            IntGauge::new("portcullis_connections_open", "Open downstream connections")
+                .expect("valid metric");
         let handshakes = IntCounterVec::new(
-            Opts::new("portcullis_tls_handshakes_total", "Completed TLS handshakes by protocol version"),
+            Opts::new(
+                "portcullis_tls_handshakes_total",
+                "Completed TLS handshakes by protocol version",
+            ),
             &["version"],
         )
         .expect("valid metric");
         let handshake_failures = IntCounterVec::new(
-            Opts::new("portcullis_tls_handshake_failures_total", "Failed TLS handshakes by reason"),
+            Opts::new(
+                "portcullis_tls_handshake_failures_total",
+                "Failed TLS handshakes by reason",
+            ),
             &["reason"],
         )
         .expect("valid metric");
         let upstream_errors = IntCounterVec::new(
-            Opts::new("portcullis_upstream_errors_total", "Upstream failures by kind"),
+            Opts::new(
+                "portcullis_upstream_errors_total",
+                "Upstream failures by kind",
+            ),
             &["kind"],
         )
         .expect("valid metric");
         let config_reloads = IntCounterVec::new(
-            Opts::new("portcullis_config_reloads_total", "Configuration reloads by result"),
+            Opts::new(
+                "portcullis_config_reloads_total",
+                "Configuration reloads by result",
+            ),
             &["result"],
         )
         .expect("valid metric");
@@ -127,17 +150,26 @@ impl Metrics {
         )
         .expect("valid metric");
         let ratelimit_limited = IntCounterVec::new(
-            Opts::new("portcullis_ratelimit_limited_total", "Requests over a rate limit by site, route, limit and mode"),
+            Opts::new(
+                "portcullis_ratelimit_limited_total",
+                "Requests over a rate limit by site, route, limit and mode",
+            ),
             &["site", "route", "limit", "mode"],
         )
         .expect("valid metric");
         let ratelimit_tracked = IntGaugeVec::new(
-            Opts::new("portcullis_ratelimit_tracked_keys", "Keys tracked per rate limit (after the last purge)"),
+            Opts::new(
+                "portcullis_ratelimit_tracked_keys",
+                "Keys tracked per rate limit (after the last purge)",
+            ),
             &["site", "route", "limit"],
         )
         .expect("valid metric");
         let acme_renewals = IntCounterVec::new(
-            Opts::new(names::ACME_RENEWALS, "ACME certificate orders by site and result"),
+            Opts::new(
+                names::ACME_RENEWALS,
+                "ACME certificate orders by site and result",
+            ),
             &["name", "result"],
         )
         .expect("valid metric");
@@ -159,7 +191,10 @@ impl Metrics {
         }
         #[cfg(target_os = "linux")]
         {
-            let pc = prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, "portcullis");
+            let pc = prometheus::process_collector::ProcessCollector::new(
+                std::process::id() as i32,
+                "portcullis",
+            );
             let _ = registry.register(Box::new(pc));
         }
         Metrics {
@@ -205,7 +240,9 @@ fn secs(t: SystemTime) -> f64 {
 }
 
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// Appends the certificate families, computed from what is in service now.
@@ -219,7 +256,11 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
     let mut rows = Vec::new();
     for (slot, cur) in &served {
         let Some(cur) = cur else { continue };
-        let domain = slot.hosts.first().map(ToString::to_string).unwrap_or_default();
+        let domain = slot
+            .hosts
+            .first()
+            .map(ToString::to_string)
+            .unwrap_or_default();
         let labels = |entry: &'static str, e: &'_ ChainEntry| -> String {
             format!(
                 "name=\"{}\",domain=\"{}\",issuer=\"{}\",serial=\"{}\",source=\"{}\",position=\"{}\"",
@@ -237,7 +278,12 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
         });
         // A self-signed root sent along is not an intermediate; clients
         // ignore it, and so does expiry alerting.
-        for i in cur.info.intermediates.iter().filter(|i| i.subject != i.issuer_cn) {
+        for i in cur
+            .info
+            .intermediates
+            .iter()
+            .filter(|i| i.subject != i.issuer_cn)
+        {
             rows.push(Row {
                 labels: labels("intermediate", i),
                 entry: i,
@@ -250,13 +296,21 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
             let _ = writeln!(out, "{name}{{{}}} {}", r.labels, value(r.entry));
         }
     };
-    family(names::CERT_NOT_AFTER, "End of validity of each certificate in service (leaf and intermediates)", &|e| {
-        secs(e.not_after)
-    });
-    family(names::CERT_NOT_BEFORE, "Start of validity of each certificate in service", &|e| secs(e.not_before));
-    family(names::CERT_EXPIRY, "Seconds until each certificate in service expires (negative once expired)", &|e| {
-        secs(e.not_after) - secs(now)
-    });
+    family(
+        names::CERT_NOT_AFTER,
+        "End of validity of each certificate in service (leaf and intermediates)",
+        &|e| secs(e.not_after),
+    );
+    family(
+        names::CERT_NOT_BEFORE,
+        "Start of validity of each certificate in service",
+        &|e| secs(e.not_before),
+    );
+    family(
+        names::CERT_EXPIRY,
+        "Seconds until each certificate in service expires (negative once expired)",
+        &|e| secs(e.not_after) - secs(now),
+    );
 
     let st = &certs.stats;
     let ok = st.reloads_ok.load(std::sync::atomic::Ordering::Relaxed);
@@ -276,9 +330,17 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
     );
     // Files only: an ACME or internal failure is a renewal problem, counted
     // by its own metrics, not a file on disk that cannot be loaded.
-    for (slot, _) in served.iter().filter(|(s, _)| matches!(s.source, crate::certstore::CertSource::File { .. })) {
+    for (slot, _) in served
+        .iter()
+        .filter(|(s, _)| matches!(s.source, crate::certstore::CertSource::File { .. }))
+    {
         let pending = slot.status().last_error.is_some() as u8;
-        let _ = writeln!(out, "{n}{{name=\"{}\",source=\"{}\"}} {pending}", escape(&slot.name), slot.source.label());
+        let _ = writeln!(
+            out,
+            "{n}{{name=\"{}\",source=\"{}\"}} {pending}",
+            escape(&slot.name),
+            slot.source.label()
+        );
     }
     let n = names::ACME_NEXT_RENEWAL;
     let _ = writeln!(
@@ -286,7 +348,9 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
         "# HELP {n} Unix time of the next renewal attempt of each ACME certificate (the retry time after a failure)\n# TYPE {n} gauge"
     );
     for (slot, _) in &served {
-        if let (crate::certstore::CertSource::Acme { .. }, Some(at)) = (&slot.source, slot.status().next_renewal) {
+        if let (crate::certstore::CertSource::Acme { .. }, Some(at)) =
+            (&slot.source, slot.status().next_renewal)
+        {
             let _ = writeln!(out, "{n}{{name=\"{}\"}} {}", escape(&slot.name), secs(at));
         }
     }

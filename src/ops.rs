@@ -18,7 +18,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 
 use crate::certstore::inventory::CertReport;
-use crate::certstore::{self, load, rfc3339, CertSource, CertSlot};
+use crate::certstore::{self, load, rfc3339, CertSlot, CertSource};
 use crate::config::Config;
 
 /// An on-call command failed; the message says what to do.
@@ -31,22 +31,37 @@ fn err(s: impl Into<String>) -> OpsError {
 }
 
 /// Sends `method path` to the admin API at `base` (`http://127.0.0.1:9901`).
-pub async fn admin_request(base: &str, method: &str, path: &str) -> Result<(u16, String), OpsError> {
-    let uri: http::Uri = base
-        .parse()
-        .map_err(|_| err(format!("--admin {base:?} is not a URL; write http://127.0.0.1:9901")))?;
+pub async fn admin_request(
+    base: &str,
+    method: &str,
+    path: &str,
+) -> Result<(u16, String), OpsError> {
+    let uri: http::Uri = base.parse().map_err(|_| {
+        err(format!(
+            "--admin {base:?} is not a URL; write http://127.0.0.1:9901"
+        ))
+    })?;
     let auth = uri
         .authority()
         .ok_or_else(|| err(format!("--admin {base:?} has no host:port")))?
         .clone();
     if uri.scheme_str() != Some("http") {
-        return Err(err(format!("--admin {base:?}: the admin API speaks plain http://")));
+        return Err(err(format!(
+            "--admin {base:?}: the admin API speaks plain http://"
+        )));
     }
     let addr = format!("{}:{}", auth.host(), auth.port_u16().unwrap_or(80));
-    let tcp = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(&addr))
-        .await
-        .map_err(|_| err(format!("admin API at {base}: connection timed out")))?
-        .map_err(|e| err(format!("admin API at {base}: {e}; is portcullis running with its admin listener there?")))?;
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::net::TcpStream::connect(&addr),
+    )
+    .await
+    .map_err(|_| err(format!("admin API at {base}: connection timed out")))?
+    .map_err(|e| {
+        err(format!(
+            "admin API at {base}: {e}; is portcullis running with its admin listener there?"
+        ))
+    })?;
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
         .await
         .map_err(|e| err(format!("admin API at {base}: {e}")))?;
@@ -81,7 +96,8 @@ pub async fn inventory_from_admin(base: &str) -> Result<Vec<CertReport>, OpsErro
     struct Body {
         certificates: Vec<CertReport>,
     }
-    let b: Body = serde_json::from_str(&body).map_err(|e| err(format!("unexpected /certs answer: {e}")))?;
+    let b: Body =
+        serde_json::from_str(&body).map_err(|e| err(format!("unexpected /certs answer: {e}")))?;
     Ok(b.certificates)
 }
 
@@ -96,7 +112,13 @@ pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
         let source = certstore::source_of(&config, site);
         let slot = CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default);
         if let CertSource::File { .. } | CertSource::Acme { .. } = slot.source {
-            match certstore::obtain(&slot, None, certstore::Checks { allow_expired: true }) {
+            match certstore::obtain(
+                &slot,
+                None,
+                certstore::Checks {
+                    allow_expired: true,
+                },
+            ) {
                 Ok(c) => slot.publish(c),
                 Err(certstore::CertError::NotIssued { .. }) => {}
                 Err(e) => {
@@ -117,12 +139,25 @@ pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
 
 /// Renders the inventory as an aligned table.
 pub fn inventory_table(reports: &[CertReport]) -> String {
-    let head = ["NAME", "SOURCE", "HOSTS", "ISSUER", "SERIAL", "NOT AFTER", "DAYS LEFT", "STATUS"];
+    let head = [
+        "NAME",
+        "SOURCE",
+        "HOSTS",
+        "ISSUER",
+        "SERIAL",
+        "NOT AFTER",
+        "DAYS LEFT",
+        "STATUS",
+    ];
     let rows: Vec<[String; 8]> = reports
         .iter()
         .map(|r| {
             let serial = r.serial.clone().unwrap_or_else(|| "-".into());
-            let serial = if serial.len() > 16 { format!("{}…", &serial[..16]) } else { serial };
+            let serial = if serial.len() > 16 {
+                format!("{}…", &serial[..16])
+            } else {
+                serial
+            };
             [
                 r.name.clone(),
                 r.source.clone(),
@@ -130,7 +165,9 @@ pub fn inventory_table(reports: &[CertReport]) -> String {
                 r.issuer.clone().unwrap_or_else(|| "-".into()),
                 serial,
                 r.not_after.clone().unwrap_or_else(|| "-".into()),
-                r.days_left.map(|d| format!("{d:.1}")).unwrap_or_else(|| "-".into()),
+                r.days_left
+                    .map(|d| format!("{d:.1}"))
+                    .unwrap_or_else(|| "-".into()),
                 match &r.last_error {
                     Some(e) => format!("error: {e}"),
                     None if r.days_left.is_some_and(|d| d < 0.0) => "EXPIRED".into(),
@@ -258,13 +295,17 @@ fn roots(cafile: Option<&Path>) -> Result<rustls::RootCertStore, OpsError> {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt")),
     };
-    let pem = std::fs::read(&path).map_err(|e| err(format!("cannot read CA file {}: {e}", path.display())))?;
+    let pem = std::fs::read(&path)
+        .map_err(|e| err(format!("cannot read CA file {}: {e}", path.display())))?;
     let mut store = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(&pem).flatten() {
         let _ = store.add(c);
     }
     if store.is_empty() {
-        return Err(err(format!("{} holds no usable CA certificate", path.display())));
+        return Err(err(format!(
+            "{} holds no usable CA certificate",
+            path.display()
+        )));
     }
     Ok(store)
 }
@@ -282,12 +323,13 @@ pub async fn inspect(
         .ok_or_else(|| err(format!("{target:?} needs a port, e.g. example.com:443")))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     let name = servername.unwrap_or(host).to_string();
-    let server_name =
-        ServerName::try_from(name.clone()).map_err(|_| err(format!("{name:?} is not a valid server name")))?;
+    let server_name = ServerName::try_from(name.clone())
+        .map_err(|_| err(format!("{name:?} is not a valid server name")))?;
     let provider = load::provider();
-    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots(cafile)?), provider.clone())
-        .build()
-        .map_err(|e| err(e.to_string()))?;
+    let verifier =
+        WebPkiServerVerifier::builder_with_provider(Arc::new(roots(cafile)?), provider.clone())
+            .build()
+            .map_err(|e| err(e.to_string()))?;
     let recorder = Arc::new(Recorder {
         inner: verifier,
         seen: Mutex::new(None),
@@ -303,12 +345,16 @@ pub async fn inspect(
         .await
         .map_err(|e| err(format!("cannot resolve {target}: {e}")))?
         .collect();
-    let addr = *addrs.first().ok_or_else(|| err(format!("{target} has no address")))?;
+    let addr = *addrs
+        .first()
+        .ok_or_else(|| err(format!("{target} has no address")))?;
     let tcp = tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| err(format!("{target}: connection timed out after {timeout:?}")))?
         .map_err(|e| match e.kind() {
-            std::io::ErrorKind::ConnectionRefused => err(format!("{target}: connection refused (nothing listening?)")),
+            std::io::ErrorKind::ConnectionRefused => {
+                err(format!("{target}: connection refused (nothing listening?)"))
+            }
             _ => err(format!("{target}: {e}")),
         })?;
     let tls = tokio::time::timeout(
@@ -316,11 +362,20 @@ pub async fn inspect(
         tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(server_name, tcp),
     )
     .await
-    .map_err(|_| err(format!("{target}: TLS handshake timed out after {timeout:?}")))?
+    .map_err(|_| {
+        err(format!(
+            "{target}: TLS handshake timed out after {timeout:?}"
+        ))
+    })?
     .map_err(|e| err(format!("{target}: TLS handshake failed: {e}")))?;
     let conn = tls.get_ref().1;
-    let version = conn.protocol_version().map(|v| format!("{v:?}")).unwrap_or_default();
-    let alpn = conn.alpn_protocol().map(|a| String::from_utf8_lossy(a).into_owned());
+    let version = conn
+        .protocol_version()
+        .map(|v| format!("{v:?}"))
+        .unwrap_or_default();
+    let alpn = conn
+        .alpn_protocol()
+        .map(|a| String::from_utf8_lossy(a).into_owned());
     let cipher = conn
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
@@ -375,7 +430,11 @@ impl Inspection {
                     let _ = writeln!(out, "    serial:     {}", info.serial);
                     let _ = writeln!(out, "    key:        {}", info.key_type);
                     let _ = writeln!(out, "    not before: {}", rfc3339(info.not_before));
-                    let _ = writeln!(out, "    not after:  {} ({days:.1} days left)", rfc3339(info.not_after));
+                    let _ = writeln!(
+                        out,
+                        "    not after:  {} ({days:.1} days left)",
+                        rfc3339(info.not_after)
+                    );
                 }
                 Err(e) => {
                     let _ = writeln!(out, "[{i}] {role}: unreadable ({e})");

@@ -48,11 +48,16 @@ fn parse(text: &str) -> Vec<Sample> {
         let (name, rest) = match line.find('{') {
             Some(i) => (&line[..i], &line[i + 1..]),
             None => {
-                let (n, v) = line.split_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+                let (n, v) = line
+                    .split_once(' ')
+                    .unwrap_or_else(|| panic!("bad line {line:?}"));
                 out.push(Sample {
                     name: n.to_string(),
                     labels: BTreeMap::new(),
-                    value: v.trim().parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+                    value: v
+                        .trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("bad value in {line:?}")),
                 });
                 continue;
             }
@@ -61,7 +66,9 @@ fn parse(text: &str) -> Vec<Sample> {
         let mut chars = rest.chars();
         loop {
             let mut key = String::new();
-            let mut c = chars.next().unwrap_or_else(|| panic!("unterminated labels in {line:?}"));
+            let mut c = chars
+                .next()
+                .unwrap_or_else(|| panic!("unterminated labels in {line:?}"));
             if c == '}' {
                 break;
             }
@@ -73,12 +80,21 @@ fn parse(text: &str) -> Vec<Sample> {
             }
             while c != '=' {
                 key.push(c);
-                c = chars.next().unwrap_or_else(|| panic!("bad label in {line:?}"));
+                c = chars
+                    .next()
+                    .unwrap_or_else(|| panic!("bad label in {line:?}"));
             }
-            assert_eq!(chars.next(), Some('"'), "label value not quoted in {line:?}");
+            assert_eq!(
+                chars.next(),
+                Some('"'),
+                "label value not quoted in {line:?}"
+            );
             let mut value = String::new();
             loop {
-                match chars.next().unwrap_or_else(|| panic!("unterminated value in {line:?}")) {
+                match chars
+                    .next()
+                    .unwrap_or_else(|| panic!("unterminated value in {line:?}"))
+                {
                     '\\' => match chars.next().unwrap() {
                         'n' => value.push('\n'),
                         other => value.push(other),
@@ -93,7 +109,10 @@ fn parse(text: &str) -> Vec<Sample> {
         out.push(Sample {
             name: name.to_string(),
             labels,
-            value: value.trim().parse().unwrap_or_else(|_| panic!("bad value in {line:?}")),
+            value: value
+                .trim()
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
         });
     }
     out
@@ -111,7 +130,12 @@ impl Scrape {
     fn find(&self, name: &str, want: &[(&str, &str)]) -> Vec<&Sample> {
         self.samples
             .iter()
-            .filter(|s| s.name == name && want.iter().all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v)))
+            .filter(|s| {
+                s.name == name
+                    && want
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
             .collect()
     }
 
@@ -129,7 +153,10 @@ impl Scrape {
 
     /// Every label value in the scrape.
     fn label_values(&self) -> BTreeSet<&str> {
-        self.samples.iter().flat_map(|s| s.labels.values().map(String::as_str)).collect()
+        self.samples
+            .iter()
+            .flat_map(|s| s.labels.values().map(String::as_str))
+            .collect()
     }
 }
 
@@ -139,7 +166,10 @@ fn assert_families_unique(text: &str) {
     let mut seen = BTreeSet::new();
     for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
         let name = line.split_whitespace().nth(2).unwrap();
-        assert!(seen.insert(name.to_string()), "family {name} declared twice");
+        assert!(
+            seen.insert(name.to_string()),
+            "family {name} declared twice"
+        );
     }
 }
 
@@ -167,7 +197,10 @@ listen = "127.0.0.1:0"
 "#;
 
 fn labels_of(s: &Sample) -> Vec<(&str, &str)> {
-    s.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+    s.labels
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect()
 }
 
 #[tokio::test]
@@ -191,11 +224,21 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
         at_unix(api_na),
     );
     api.write(dir.path(), "api-");
-    let fallback = pki.leaf_with_dates(&["fallback.metrics.test"], Alg::Rsa, at_unix(def_nb), at_unix(def_na));
+    let fallback = pki.leaf_with_dates(
+        &["fallback.metrics.test"],
+        Alg::Rsa,
+        at_unix(def_nb),
+        at_unix(def_na),
+    );
     fallback.write(dir.path(), "fallback-");
     let toml = format!(
         "{HEAD}{}{}",
-        site("api", r#""api.metrics.test", "www.metrics.test""#, "api-", false),
+        site(
+            "api",
+            r#""api.metrics.test", "www.metrics.test""#,
+            "api-",
+            false
+        ),
         site("fallback", r#""fallback.metrics.test""#, "fallback-", true)
     );
     let proxy = Proxy::start_in(dir, &toml).await;
@@ -214,7 +257,13 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
     let inter_serial = "4a1122334455";
     let expect = [
         ("api", "api.metrics.test", &api, api_nb, api_na),
-        ("fallback", "fallback.metrics.test", &fallback, def_nb, def_na),
+        (
+            "fallback",
+            "fallback.metrics.test",
+            &fallback,
+            def_nb,
+            def_na,
+        ),
     ];
     for (name, domain, leaf, nb, na) in expect {
         let leaf_labels = [
@@ -228,7 +277,11 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
         let s = m.one(NOT_AFTER, &leaf_labels);
         assert_eq!(s.labels.len(), 6, "exactly these labels: {:?}", s.labels);
         assert_eq!(s.value, na as f64, "{name} leaf not_after");
-        assert_eq!(m.one(NOT_BEFORE, &leaf_labels).value, nb as f64, "{name} leaf not_before");
+        assert_eq!(
+            m.one(NOT_BEFORE, &leaf_labels).value,
+            nb as f64,
+            "{name} leaf not_before"
+        );
         let left = m.one(EXPIRY, &leaf_labels).value;
         assert!(
             ((na - after) as f64..=(na - before) as f64).contains(&left),
@@ -248,7 +301,11 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
         let s = m.one(NOT_AFTER, &inter_labels);
         assert_eq!(s.labels.len(), 6, "exactly these labels: {:?}", s.labels);
         assert_eq!(s.value, inter_na as f64, "{name} intermediate not_after");
-        assert_eq!(m.one(NOT_BEFORE, &inter_labels).value, inter_nb as f64, "{name} intermediate not_before");
+        assert_eq!(
+            m.one(NOT_BEFORE, &inter_labels).value,
+            inter_nb as f64,
+            "{name} intermediate not_before"
+        );
         let left = m.one(EXPIRY, &inter_labels).value;
         assert!(
             ((inter_na - after) as f64..=(inter_na - before) as f64).contains(&left),
@@ -291,19 +348,46 @@ tls = "internal"
             ("source", "internal"),
         ]
     );
-    let na = cur.info.not_after.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let na = cur
+        .info
+        .not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
     assert_eq!(s.value, na as f64);
 }
 
 #[tokio::test]
 async fn replaced_certificate_series_swap_in_the_same_scrape() {
     let now = unix_now();
-    let pki = Pki::with_intermediate("old root", "old intermediate", &[0x31, 0x01], at_unix(now - DAY), at_unix(now + 900 * DAY));
-    let pki2 = Pki::with_intermediate("new root", "new intermediate", &[0x32, 0x02], at_unix(now - DAY), at_unix(now + 901 * DAY));
+    let pki = Pki::with_intermediate(
+        "old root",
+        "old intermediate",
+        &[0x31, 0x01],
+        at_unix(now - DAY),
+        at_unix(now + 900 * DAY),
+    );
+    let pki2 = Pki::with_intermediate(
+        "new root",
+        "new intermediate",
+        &[0x32, 0x02],
+        at_unix(now - DAY),
+        at_unix(now + 901 * DAY),
+    );
     let dir = tempfile::tempdir().unwrap();
-    let old = pki.leaf_with_dates(&["swap.test"], Alg::Ecdsa, at_unix(now - DAY), at_unix(now + 10 * DAY));
+    let old = pki.leaf_with_dates(
+        &["swap.test"],
+        Alg::Ecdsa,
+        at_unix(now - DAY),
+        at_unix(now + 10 * DAY),
+    );
     let (cert_path, _) = old.write(dir.path(), "swap-");
-    let other = pki.leaf_with_dates(&["other.test"], Alg::Ecdsa, at_unix(now - DAY), at_unix(now + 20 * DAY));
+    let other = pki.leaf_with_dates(
+        &["other.test"],
+        Alg::Ecdsa,
+        at_unix(now - DAY),
+        at_unix(now + 20 * DAY),
+    );
     other.write(dir.path(), "other-");
     let toml = format!(
         "{HEAD}{}{}",
@@ -315,7 +399,11 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
     let mut events = certs.subscribe();
 
     let m = scrape(&proxy).await;
-    assert_eq!(m.one(NOT_AFTER, &[("name", "swap"), ("position", "leaf")]).labels["serial"], old.serial);
+    assert_eq!(
+        m.one(NOT_AFTER, &[("name", "swap"), ("position", "leaf")])
+            .labels["serial"],
+        old.serial
+    );
 
     // Scrape continuously while the file is replaced: every scrape shows
     // exactly one leaf and one intermediate for the site, and they belong
@@ -335,15 +423,31 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
                     let of = |pos: &str| -> Vec<String> {
                         samples
                             .iter()
-                            .filter(|s| s.name == family && s.labels["name"] == "swap" && s.labels["position"] == pos)
+                            .filter(|s| {
+                                s.name == family
+                                    && s.labels["name"] == "swap"
+                                    && s.labels["position"] == pos
+                            })
                             .map(|s| s.labels["serial"].clone())
                             .collect()
                     };
                     let (leaf, inter) = (of("leaf"), of("intermediate"));
-                    assert_eq!(leaf.len(), 1, "{family}: one leaf series per scrape:\n{text}");
-                    assert_eq!(inter.len(), 1, "{family}: one intermediate series per scrape:\n{text}");
+                    assert_eq!(
+                        leaf.len(),
+                        1,
+                        "{family}: one leaf series per scrape:\n{text}"
+                    );
+                    assert_eq!(
+                        inter.len(),
+                        1,
+                        "{family}: one intermediate series per scrape:\n{text}"
+                    );
                     let is_old = leaf[0] == old_serial;
-                    assert_eq!(inter[0] == new_inter, !is_old, "leaf and intermediate from different chains:\n{text}");
+                    assert_eq!(
+                        inter[0] == new_inter,
+                        !is_old,
+                        "leaf and intermediate from different chains:\n{text}"
+                    );
                     saw_new |= !is_old;
                 }
                 scrapes += 1;
@@ -353,10 +457,26 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
     };
 
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let new = pki2.leaf_with_key(&["swap.test"], &old.key_pem, at_unix(now - 2 * DAY), at_unix(now + 45 * DAY));
+    let new = pki2.leaf_with_key(
+        &["swap.test"],
+        &old.key_pem,
+        at_unix(now - 2 * DAY),
+        at_unix(now + 45 * DAY),
+    );
     replace_file(&cert_path, &new.chain_pem);
-    let ev = wait_cert_event(&mut events, Duration::from_secs(10), |e| matches!(e, CertEvent::Published { name, .. } if name == "swap")).await;
-    assert_eq!(ev, CertEvent::Published { name: "swap".into(), serial: new.serial.clone() });
+    let ev = wait_cert_event(
+        &mut events,
+        Duration::from_secs(10),
+        |e| matches!(e, CertEvent::Published { name, .. } if name == "swap"),
+    )
+    .await;
+    assert_eq!(
+        ev,
+        CertEvent::Published {
+            name: "swap".into(),
+            serial: new.serial.clone()
+        }
+    );
 
     let m = scrape(&proxy).await;
     for family in [NOT_AFTER, NOT_BEFORE, EXPIRY] {
@@ -367,26 +487,48 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
         assert_eq!(inter.labels["serial"], "3202");
         assert_eq!(inter.labels["issuer"], "new root");
         // The other site is untouched.
-        assert_eq!(m.one(family, &[("name", "other"), ("position", "leaf")]).labels["serial"], other.serial);
+        assert_eq!(
+            m.one(family, &[("name", "other"), ("position", "leaf")])
+                .labels["serial"],
+            other.serial
+        );
     }
-    assert_eq!(m.one(NOT_AFTER, &[("name", "swap"), ("position", "leaf")]).value, (now + 45 * DAY) as f64);
-    assert_eq!(m.one(NOT_BEFORE, &[("name", "swap"), ("position", "leaf")]).value, (now - 2 * DAY) as f64);
-    assert!(!m.text.contains(&old.serial), "old leaf serial still exported:\n{}", m.text);
+    assert_eq!(
+        m.one(NOT_AFTER, &[("name", "swap"), ("position", "leaf")])
+            .value,
+        (now + 45 * DAY) as f64
+    );
+    assert_eq!(
+        m.one(NOT_BEFORE, &[("name", "swap"), ("position", "leaf")])
+            .value,
+        (now - 2 * DAY) as f64
+    );
     assert!(
-        m.find(NOT_AFTER, &[("name", "swap"), ("serial", "3101")]).is_empty(),
+        !m.text.contains(&old.serial),
+        "old leaf serial still exported:\n{}",
+        m.text
+    );
+    assert!(
+        m.find(NOT_AFTER, &[("name", "swap"), ("serial", "3101")])
+            .is_empty(),
         "old intermediate still exported:\n{}",
         m.text
     );
 
     // And handshakes get the new one.
-    let tls = tls_connect(proxy.https, "swap.test", pki2.client_config(&[b"http/1.1"])).await.unwrap();
+    let tls = tls_connect(proxy.https, "swap.test", pki2.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
     assert_eq!(serial_of(&peer_leaf(&tls)), new.serial);
 
     tokio::time::sleep(Duration::from_millis(50)).await;
     stop.store(true, Ordering::Release);
     let (scrapes, saw_new) = watcher.await.unwrap();
     assert!(scrapes >= 2, "the concurrent scraper ran {scrapes} times");
-    assert!(saw_new, "the concurrent scraper never saw the new certificate");
+    assert!(
+        saw_new,
+        "the concurrent scraper never saw the new certificate"
+    );
 }
 
 #[tokio::test]
@@ -394,9 +536,17 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     let now = unix_now();
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
-    let first = pki.leaf_with_dates(&["reload.test"], Alg::Ecdsa, at_unix(now - DAY), at_unix(now + 30 * DAY));
+    let first = pki.leaf_with_dates(
+        &["reload.test"],
+        Alg::Ecdsa,
+        at_unix(now - DAY),
+        at_unix(now + 30 * DAY),
+    );
     let (cert_path, _) = first.write(dir.path(), "reload-");
-    let toml = format!("{HEAD}{}", site("reload", r#""reload.test""#, "reload-", true));
+    let toml = format!(
+        "{HEAD}{}",
+        site("reload", r#""reload.test""#, "reload-", true)
+    );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     wait_ready(&proxy).await;
     let mut events = certs.subscribe();
@@ -409,16 +559,30 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     assert_eq!(m.one(PENDING, &[("name", "reload")]).value, 0.0);
 
     // A good replacement.
-    let second = pki.leaf_with_key(&["reload.test"], &first.key_pem, at_unix(now - DAY), at_unix(now + 60 * DAY));
+    let second = pki.leaf_with_key(
+        &["reload.test"],
+        &first.key_pem,
+        at_unix(now - DAY),
+        at_unix(now + 60 * DAY),
+    );
     let before = unix_now();
     replace_file(&cert_path, &second.chain_pem);
     let ev = wait_cert_event(&mut events, Duration::from_secs(10), is_reload).await;
-    assert_eq!(ev, CertEvent::Published { name: "reload".into(), serial: second.serial.clone() });
+    assert_eq!(
+        ev,
+        CertEvent::Published {
+            name: "reload".into(),
+            serial: second.serial.clone()
+        }
+    );
     let m = scrape(&proxy).await;
     assert_eq!(m.one(RELOADS, &[("result", "success")]).value, 1.0);
     assert_eq!(m.one(RELOADS, &[("result", "failure")]).value, 0.0);
     let last = m.one(LAST_RELOAD, &[]).value;
-    assert!((before as f64..=unix_now() as f64).contains(&last), "last reload {last}, now {before}");
+    assert!(
+        (before as f64..=unix_now() as f64).contains(&last),
+        "last reload {last}, now {before}"
+    );
     assert_eq!(m.one(PENDING, &[("name", "reload")]).value, 0.0);
 
     // A truncated chain: refused, counted, pending; the good one stays.
@@ -430,23 +594,46 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     assert_eq!(m.one(RELOADS, &[("result", "failure")]).value, 1.0);
     assert_eq!(m.one(LAST_RELOAD, &[]).value, last);
     assert_eq!(m.one(PENDING, &[("name", "reload")]).value, 1.0);
-    assert_eq!(m.one(NOT_AFTER, &[("name", "reload"), ("position", "leaf")]).labels["serial"], second.serial);
+    assert_eq!(
+        m.one(NOT_AFTER, &[("name", "reload"), ("position", "leaf")])
+            .labels["serial"],
+        second.serial
+    );
 
     // An expired replacement is refused too (a replacement must never be worse).
-    let expired = pki.leaf_with_key(&["reload.test"], &first.key_pem, at_unix(now - 9 * DAY), at_unix(now - DAY));
+    let expired = pki.leaf_with_key(
+        &["reload.test"],
+        &first.key_pem,
+        at_unix(now - 9 * DAY),
+        at_unix(now - DAY),
+    );
     replace_file(&cert_path, &expired.chain_pem);
     let ev = wait_cert_event(&mut events, Duration::from_secs(10), is_reload).await;
-    assert!(matches!(&ev, CertEvent::Rejected { error, .. } if error.contains("expired")), "{ev:?}");
+    assert!(
+        matches!(&ev, CertEvent::Rejected { error, .. } if error.contains("expired")),
+        "{ev:?}"
+    );
     let m = scrape(&proxy).await;
     assert_eq!(m.one(RELOADS, &[("result", "failure")]).value, 2.0);
     assert_eq!(m.one(PENDING, &[("name", "reload")]).value, 1.0);
     assert!(!m.text.contains(&expired.serial));
 
     // A good one clears it.
-    let third = pki.leaf_with_key(&["reload.test"], &first.key_pem, at_unix(now - DAY), at_unix(now + 90 * DAY));
+    let third = pki.leaf_with_key(
+        &["reload.test"],
+        &first.key_pem,
+        at_unix(now - DAY),
+        at_unix(now + 90 * DAY),
+    );
     replace_file(&cert_path, &third.chain_pem);
     let ev = wait_cert_event(&mut events, Duration::from_secs(10), is_reload).await;
-    assert_eq!(ev, CertEvent::Published { name: "reload".into(), serial: third.serial.clone() });
+    assert_eq!(
+        ev,
+        CertEvent::Published {
+            name: "reload".into(),
+            serial: third.serial.clone()
+        }
+    );
     let m = scrape(&proxy).await;
     assert_eq!(m.one(RELOADS, &[("result", "success")]).value, 2.0);
     assert_eq!(m.one(RELOADS, &[("result", "failure")]).value, 2.0);
@@ -458,19 +645,37 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     replace_file(&cert_path, "-----BEGIN CERTIFICATE-----\nnot base64\n");
     let ev = wait_cert_event(&mut events, Duration::from_secs(10), is_reload).await;
     assert!(matches!(ev, CertEvent::Rejected { .. }), "{ev:?}");
-    assert_eq!(scrape(&proxy).await.one(PENDING, &[("name", "reload")]).value, 1.0);
+    assert_eq!(
+        scrape(&proxy)
+            .await
+            .one(PENDING, &[("name", "reload")])
+            .value,
+        1.0
+    );
     replace_file(&cert_path, &third.chain_pem);
     let mut cleared = false;
     for _ in 0..200 {
-        if scrape(&proxy).await.one(PENDING, &[("name", "reload")]).value == 0.0 {
+        if scrape(&proxy)
+            .await
+            .one(PENDING, &[("name", "reload")])
+            .value
+            == 0.0
+        {
             cleared = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(cleared, "pending error gauge stayed 1 after the served file was restored");
+    assert!(
+        cleared,
+        "pending error gauge stayed 1 after the served file was restored"
+    );
     let m = scrape(&proxy).await;
-    assert_eq!(m.one(RELOADS, &[("result", "success")]).value, 2.0, "restoring the same certificate is not a replacement");
+    assert_eq!(
+        m.one(RELOADS, &[("result", "success")]).value,
+        2.0,
+        "restoring the same certificate is not a replacement"
+    );
     assert_eq!(m.one(RELOADS, &[("result", "failure")]).value, 3.0);
 }
 
@@ -488,7 +693,8 @@ async fn traffic_proxy(pki: &Pki) -> (Proxy, [String; 2]) {
     let dir = tempfile::tempdir().unwrap();
     // The certificate also covers `*.traffic-probe.test`, so a client sending
     // a made-up SNI there verifies the default site's answer.
-    pki.leaf(&["traffic.test", "*.traffic-probe.test"], Alg::Ecdsa).write(dir.path(), "");
+    pki.leaf(&["traffic.test", "*.traffic-probe.test"], Alg::Ecdsa)
+        .write(dir.path(), "");
     let toml = format!(
         r#"{HEAD}
 [[sites]]
@@ -506,7 +712,10 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
   respond = {{ status = 404 }}
 "#
     );
-    (Proxy::start_in(dir, &toml).await, [up.to_string(), dead.to_string()])
+    (
+        Proxy::start_in(dir, &toml).await,
+        [up.to_string(), dead.to_string()],
+    )
 }
 
 #[tokio::test]
@@ -527,16 +736,36 @@ async fn label_values_never_carry_client_address_path_host_or_sni() {
         .unwrap();
     let got = request(proxy.https, &sni, cfg.clone(), req).await.unwrap();
     assert!(got.status < 600);
-    let _ = get(proxy.https, "traffic.test", &format!("/dead/{marker}-dead"), cfg.clone()).await;
-    let _ = get(proxy.https, "traffic.test", &format!("/{marker}-nowhere"), cfg).await;
+    let _ = get(
+        proxy.https,
+        "traffic.test",
+        &format!("/dead/{marker}-dead"),
+        cfg.clone(),
+    )
+    .await;
+    let _ = get(
+        proxy.https,
+        "traffic.test",
+        &format!("/{marker}-nowhere"),
+        cfg,
+    )
+    .await;
     // A failed handshake with the unique SNI (the client does not trust the CA).
     let stranger = Pki::new();
-    assert!(tls_connect(proxy.https, &sni, stranger.client_config(&[b"h2"])).await.is_err());
+    assert!(
+        tls_connect(proxy.https, &sni, stranger.client_config(&[b"h2"]))
+            .await
+            .is_err()
+    );
     tokio::time::sleep(Duration::from_millis(100)).await;
 
     let m = scrape(&proxy).await;
     assert_families_unique(&m.text);
-    assert!(!m.text.contains(&marker), "a value from the network reached /metrics:\n{}", m.text);
+    assert!(
+        !m.text.contains(&marker),
+        "a value from the network reached /metrics:\n{}",
+        m.text
+    );
     for v in m.label_values() {
         // Upstream addresses come from the config; nothing else on
         // 127.0.0.1 (the client) may appear.
@@ -550,10 +779,16 @@ async fn label_values_never_carry_client_address_path_host_or_sni() {
     // Any label value from traffic families must come from a bounded set.
     for s in &m.samples {
         if let Some(route) = s.labels.get("route") {
-            assert!(["/ok", "/dead", "/", "-", ""].contains(&route.as_str()), "unbounded route label {route:?}");
+            assert!(
+                ["/ok", "/dead", "/", "-", ""].contains(&route.as_str()),
+                "unbounded route label {route:?}"
+            );
         }
         if let Some(site) = s.labels.get("site") {
-            assert!(["traffic", "-"].contains(&site.as_str()), "unbounded site label {site:?}");
+            assert!(
+                ["traffic", "-"].contains(&site.as_str()),
+                "unbounded site label {site:?}"
+            );
         }
     }
 }
@@ -566,44 +801,140 @@ async fn traffic_metrics_count_requests_latency_handshakes_and_upstream_errors()
     let (proxy, _) = traffic_proxy(&pki).await;
     let cfg = pki.client_config(&[b"http/1.1"]);
     for _ in 0..3 {
-        assert_eq!(get(proxy.https, "traffic.test", "/ok/a", cfg.clone()).await.status, 200);
+        assert_eq!(
+            get(proxy.https, "traffic.test", "/ok/a", cfg.clone())
+                .await
+                .status,
+            200
+        );
     }
     for _ in 0..2 {
-        assert_eq!(get(proxy.https, "traffic.test", "/dead/b", cfg.clone()).await.status, 502);
+        assert_eq!(
+            get(proxy.https, "traffic.test", "/dead/b", cfg.clone())
+                .await
+                .status,
+            502
+        );
     }
     let stranger = Pki::new();
-    assert!(tls_connect(proxy.https, "traffic.test", stranger.client_config(&[b"h2"])).await.is_err());
+    assert!(tls_connect(
+        proxy.https,
+        "traffic.test",
+        stranger.client_config(&[b"h2"])
+    )
+    .await
+    .is_err());
 
     // One connection held open while scraping.
-    let held = tls_connect(proxy.https, "traffic.test", cfg.clone()).await.unwrap();
+    let held = tls_connect(proxy.https, "traffic.test", cfg.clone())
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let m = scrape(&proxy).await;
     let req = "portcullis_http_requests_total";
-    assert_eq!(m.sum(req, &[("site", "traffic"), ("method", "GET"), ("status", "2xx")]), 3.0, "{}", m.text);
-    assert_eq!(m.sum(req, &[("site", "traffic"), ("method", "GET"), ("status", "5xx")]), 2.0, "{}", m.text);
-    assert_eq!(m.sum(req, &[("site", "traffic"), ("route", "/ok")]), 3.0, "{}", m.text);
-    assert_eq!(m.sum(req, &[("site", "traffic"), ("route", "/dead")]), 2.0, "{}", m.text);
+    assert_eq!(
+        m.sum(
+            req,
+            &[("site", "traffic"), ("method", "GET"), ("status", "2xx")]
+        ),
+        3.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            req,
+            &[("site", "traffic"), ("method", "GET"), ("status", "5xx")]
+        ),
+        2.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(req, &[("site", "traffic"), ("route", "/ok")]),
+        3.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(req, &[("site", "traffic"), ("route", "/dead")]),
+        2.0,
+        "{}",
+        m.text
+    );
     let hist = "portcullis_http_request_duration_seconds";
-    assert_eq!(m.sum(&format!("{hist}_count"), &[("site", "traffic"), ("route", "/ok")]), 3.0, "{}", m.text);
-    assert_eq!(m.sum(&format!("{hist}_count"), &[("site", "traffic"), ("route", "/dead")]), 2.0, "{}", m.text);
-    assert_eq!(m.one(&format!("{hist}_bucket"), &[("route", "/ok"), ("le", "+Inf")]).value, 3.0);
+    assert_eq!(
+        m.sum(
+            &format!("{hist}_count"),
+            &[("site", "traffic"), ("route", "/ok")]
+        ),
+        3.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum(
+            &format!("{hist}_count"),
+            &[("site", "traffic"), ("route", "/dead")]
+        ),
+        2.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.one(
+            &format!("{hist}_bucket"),
+            &[("route", "/ok"), ("le", "+Inf")]
+        )
+        .value,
+        3.0
+    );
     assert!(m.sum(&format!("{hist}_sum"), &[("route", "/ok")]) > 0.0);
-    assert_eq!(m.sum("portcullis_upstream_errors_total", &[("kind", "connect")]), 2.0, "{}", m.text);
-    assert_eq!(m.sum("portcullis_tls_handshakes_total", &[]), 6.0, "5 requests + the held connection:\n{}", m.text);
-    assert_eq!(m.sum("portcullis_tls_handshake_failures_total", &[]), 1.0, "{}", m.text);
+    assert_eq!(
+        m.sum("portcullis_upstream_errors_total", &[("kind", "connect")]),
+        2.0,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum("portcullis_tls_handshakes_total", &[]),
+        6.0,
+        "5 requests + the held connection:\n{}",
+        m.text
+    );
+    assert_eq!(
+        m.sum("portcullis_tls_handshake_failures_total", &[]),
+        1.0,
+        "{}",
+        m.text
+    );
     assert_eq!(m.one("portcullis_http_requests_in_flight", &[]).value, 0.0);
-    assert!(m.one("portcullis_connections_open", &[]).value >= 1.0, "{}", m.text);
+    assert!(
+        m.one("portcullis_connections_open", &[]).value >= 1.0,
+        "{}",
+        m.text
+    );
     drop(held);
     let mut closed = false;
     for _ in 0..100 {
-        if scrape(&proxy).await.one("portcullis_connections_open", &[]).value == 0.0 {
+        if scrape(&proxy)
+            .await
+            .one("portcullis_connections_open", &[])
+            .value
+            == 0.0
+        {
             closed = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(closed, "portcullis_connections_open did not return to 0");
-    assert!(m.find("portcullis_process_resident_memory_bytes", &[]).len() == 1, "process metrics");
+    assert!(
+        m.find("portcullis_process_resident_memory_bytes", &[])
+            .len()
+            == 1,
+        "process metrics"
+    );
 }
 
 /// The certificates are loaded in `Server::bind`; the file watcher starts
@@ -614,15 +945,42 @@ async fn certificate_replaced_while_the_proxy_starts_is_picked_up_without_the_po
     let now = unix_now();
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
-    let first = pki.leaf_with_dates(&["early.test"], Alg::Ecdsa, at_unix(now - DAY), at_unix(now + 30 * DAY));
+    let first = pki.leaf_with_dates(
+        &["early.test"],
+        Alg::Ecdsa,
+        at_unix(now - DAY),
+        at_unix(now + 30 * DAY),
+    );
     let (cert_path, _) = first.write(dir.path(), "early-");
     let toml = format!("{HEAD}{}", site("early", r#""early.test""#, "early-", true));
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     let mut events = certs.subscribe();
     // Still on this task: `run` has not started its watcher yet.
-    let second = pki.leaf_with_key(&["early.test"], &first.key_pem, at_unix(now - DAY), at_unix(now + 60 * DAY));
+    let second = pki.leaf_with_key(
+        &["early.test"],
+        &first.key_pem,
+        at_unix(now - DAY),
+        at_unix(now + 60 * DAY),
+    );
     replace_file(&cert_path, &second.chain_pem);
-    let ev = wait_cert_event(&mut events, Duration::from_secs(5), |e| matches!(e, CertEvent::Published { name, .. } if name == "early")).await;
-    assert_eq!(ev, CertEvent::Published { name: "early".into(), serial: second.serial.clone() });
-    assert_eq!(scrape(&proxy).await.one(NOT_AFTER, &[("name", "early"), ("position", "leaf")]).labels["serial"], second.serial);
+    let ev = wait_cert_event(
+        &mut events,
+        Duration::from_secs(5),
+        |e| matches!(e, CertEvent::Published { name, .. } if name == "early"),
+    )
+    .await;
+    assert_eq!(
+        ev,
+        CertEvent::Published {
+            name: "early".into(),
+            serial: second.serial.clone()
+        }
+    );
+    assert_eq!(
+        scrape(&proxy)
+            .await
+            .one(NOT_AFTER, &[("name", "early"), ("position", "leaf")])
+            .labels["serial"],
+        second.serial
+    );
 }

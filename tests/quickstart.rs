@@ -19,25 +19,33 @@ fn client_trusting(ca_pem: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca_pem).unwrap() {
         roots.add(c.unwrap()).unwrap();
     }
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
     cfg.alpn_protocols = vec![alpn.to_vec()];
     Arc::new(cfg)
 }
 
 #[tokio::test]
 async fn quickstart_config_serves_https_with_the_internal_ca_over_h2_and_http11() {
-    let shipped = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("config/quickstart.toml")).unwrap();
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/quickstart.toml"),
+    )
+    .unwrap();
     // Same file, free ports, state in the test's directory.
     let toml = shipped
         .replace("127.0.0.1:8443", "127.0.0.1:0")
         .replace("127.0.0.1:8080", "127.0.0.1:0")
         .replace("127.0.0.1:9901", "127.0.0.1:0")
         .replace("state_dir = \"../state\"", "state_dir = \"state\"");
-    assert_ne!(toml, shipped, "the quickstart's addresses changed; update this test");
+    assert_ne!(
+        toml, shipped,
+        "the quickstart's addresses changed; update this test"
+    );
     let proxy = Proxy::start(&toml).await;
     let ca = proxy.dir.path().join("state/internal-ca/ca.pem");
     assert!(ca.exists(), "the internal CA is created on first run");
@@ -45,12 +53,20 @@ async fn quickstart_config_serves_https_with_the_internal_ca_over_h2_and_http11(
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
     for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
         let cfg = client_trusting(&ca, alpn);
-        let tls = tls_connect(proxy.https, "localhost", cfg.clone()).await.unwrap();
-        assert_eq!(tls.get_ref().1.protocol_version(), Some(rustls::ProtocolVersion::TLSv1_3));
+        let tls = tls_connect(proxy.https, "localhost", cfg.clone())
+            .await
+            .unwrap();
+        assert_eq!(
+            tls.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_3)
+        );
         assert_eq!(tls.get_ref().1.alpn_protocol(), Some(alpn));
         drop(tls);
         let got = get(proxy.https, "localhost", "/", cfg).await;
@@ -70,7 +86,11 @@ async fn quickstart_config_serves_https_with_the_internal_ca_over_h2_and_http11(
         .unwrap()
         .unwrap();
     assert!(buf.starts_with("HTTP/1.1 308"), "{buf}");
-    assert!(buf.to_ascii_lowercase().contains("location: https://localhost:8443/x"), "{buf}");
+    assert!(
+        buf.to_ascii_lowercase()
+            .contains("location: https://localhost:8443/x"),
+        "{buf}"
+    );
 }
 
 /// Kills the child on drop.
@@ -88,7 +108,15 @@ async fn reverse_proxy_one_liner_proxies_with_an_internal_certificate() {
     let (up, _stop) = echo_upstream().await;
     let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(["reverse-proxy", "--from", "127.0.0.1:0", "--host", "localhost", "--admin", "off"])
+        .args([
+            "reverse-proxy",
+            "--from",
+            "127.0.0.1:0",
+            "--host",
+            "localhost",
+            "--admin",
+            "off",
+        ])
         .arg("--to")
         .arg(format!("http://{up}"))
         .arg("--state-dir")
@@ -117,7 +145,9 @@ async fn reverse_proxy_one_liner_proxies_with_an_internal_certificate() {
             }
         }
     });
-    let addr = rx.recv_timeout(Duration::from_secs(60)).expect("reverse-proxy logs its address");
+    let addr = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("reverse-proxy logs its address");
     let ca = dir.path().join("state/internal-ca/ca.pem");
     let got = get(addr, "localhost", "/hello?x=1", client_trusting(&ca, b"h2")).await;
     assert_eq!(got.status, 200);

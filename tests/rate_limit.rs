@@ -71,9 +71,15 @@ impl Rl {
             b = b.header(*k, *v);
         }
         let req = b.body(Full::new(Bytes::new())).unwrap();
-        request_from(ip(from), self.proxy.https, HOST, self.pki.client_config(&[alpn]), req)
-            .await
-            .unwrap_or_else(|e| panic!("GET {path} from {from}: {e}"))
+        request_from(
+            ip(from),
+            self.proxy.https,
+            HOST,
+            self.pki.client_config(&[alpn]),
+            req,
+        )
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} from {from}: {e}"))
     }
 
     /// `GET path` from `from` over HTTP/1.1.
@@ -82,7 +88,13 @@ impl Rl {
     }
 
     /// Statuses of `n` requests from `from`, in order.
-    async fn statuses(&self, n: usize, from: &str, path: &str, headers: &[(&str, &str)]) -> Vec<u16> {
+    async fn statuses(
+        &self,
+        n: usize,
+        from: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Vec<u16> {
         let mut out = Vec::new();
         for _ in 0..n {
             out.push(self.get_with(from, b"http/1.1", path, headers).await.status);
@@ -110,7 +122,8 @@ impl Rl {
 
     /// Rewrites the config file and reloads it through `POST /reload`.
     async fn reload(&self, settings: &str, routes: &str) {
-        self.proxy.write("portcullis.toml", &config(settings, routes));
+        self.proxy
+            .write("portcullis.toml", &config(settings, routes));
         let (status, body) = admin_post(self.proxy.admin.unwrap(), "/reload").await;
         assert_eq!(status, 200, "reload refused: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -121,7 +134,12 @@ impl Rl {
 fn header<'a>(got: &'a Got, name: &str) -> &'a str {
     got.headers
         .get(name)
-        .unwrap_or_else(|| panic!("no {name} header in {} response: {:?}", got.status, got.headers))
+        .unwrap_or_else(|| {
+            panic!(
+                "no {name} header in {} response: {:?}",
+                got.status, got.headers
+            )
+        })
         .to_str()
         .unwrap()
 }
@@ -139,7 +157,8 @@ fn param(got: &Got, key: &str) -> u64 {
 /// `Retry-After` as whole seconds (it must be an integer).
 fn retry_after(got: &Got) -> u64 {
     let v = header(got, "retry-after");
-    v.parse().unwrap_or_else(|_| panic!("Retry-After {v:?} is not integer seconds"))
+    v.parse()
+        .unwrap_or_else(|_| panic!("Retry-After {v:?} is not integer seconds"))
 }
 
 /// Checks a 429: exact body, `Retry-After` within `[period - 1, period]`
@@ -189,7 +208,11 @@ async fn each_route_admits_exactly_its_burst_then_429_with_retry_after_and_ratel
     for want_r in [1, 0] {
         let got = rl.get("127.0.0.1", "/a/x").await;
         assert_eq!(got.status, 200);
-        assert_eq!(got.seen()[":path"], "/a/x", "admitted requests reach the upstream");
+        assert_eq!(
+            got.seen()[":path"],
+            "/a/x",
+            "admitted requests reach the upstream"
+        );
         assert_eq!(header(&got, "ratelimit-policy"), "\"ip\";q=2;w=120");
         assert_eq!(param(&got, "r"), want_r, "remaining counts down");
         assert!(param(&got, "t") <= 120);
@@ -255,15 +278,33 @@ async fn trusted_proxys_forwarded_for_names_the_client() {
     let via = "127.0.0.2";
     let xff = |v: &'static str| [("x-forwarded-for", v)];
     // Each forwarded client has its own bucket behind the one proxy.
-    assert_eq!(rl.statuses(2, via, "/", &xff("198.51.100.1")).await, [200, 429]);
-    assert_eq!(rl.statuses(2, via, "/", &xff("198.51.100.2")).await, [200, 429]);
+    assert_eq!(
+        rl.statuses(2, via, "/", &xff("198.51.100.1")).await,
+        [200, 429]
+    );
+    assert_eq!(
+        rl.statuses(2, via, "/", &xff("198.51.100.2")).await,
+        [200, 429]
+    );
     // The right-most address is the one the trusted proxy saw.
-    assert_eq!(rl.statuses(1, via, "/", &xff("203.0.113.9, 198.51.100.3")).await, [200]);
+    assert_eq!(
+        rl.statuses(1, via, "/", &xff("203.0.113.9, 198.51.100.3"))
+            .await,
+        [200]
+    );
     assert_eq!(rl.statuses(1, via, "/", &xff("198.51.100.3")).await, [429]);
     // Whatever the client wrote left of its address is not looked at:
     // neither other addresses nor garbage move it to a fresh bucket.
-    for spoof in ["10.0.0.1, 198.51.100.1", "nonsense, 198.51.100.1", "198.51.100.99,198.51.100.2"] {
-        assert_eq!(rl.statuses(1, via, "/", &xff(spoof)).await, [429], "X-Forwarded-For: {spoof}");
+    for spoof in [
+        "10.0.0.1, 198.51.100.1",
+        "nonsense, 198.51.100.1",
+        "198.51.100.99,198.51.100.2",
+    ] {
+        assert_eq!(
+            rl.statuses(1, via, "/", &xff(spoof)).await,
+            [429],
+            "X-Forwarded-For: {spoof}"
+        );
     }
     // `Forwarded: for=` works the same way.
     let fwd = [("forwarded", "for=\"198.51.100.4:4711\";proto=https")];
@@ -295,7 +336,10 @@ async fn untrusted_clients_forwarded_for_is_ignored_so_spoofing_cannot_escape_th
     }
     let mut want = vec![200, 200];
     want.extend([429; 10]);
-    assert_eq!(statuses, want, "a new X-Forwarded-For per request changes nothing");
+    assert_eq!(
+        statuses, want,
+        "a new X-Forwarded-For per request changes nothing"
+    );
     // And the addresses it named were not charged: a real client of the
     // trusted proxy with one of them still has its full burst.
     let h = [("x-forwarded-for", "198.51.100.10")];
@@ -325,10 +369,17 @@ async fn header_keyed_limit_gives_each_key_its_own_bucket() {
     let got = rl.get_with("127.0.0.2", b"http/1.1", "/", &alpha).await;
     assert_limited(&got, "too many requests\n", "\"x-api-key\";q=2;w=120", 60);
     // Another key is independent, from the same address.
-    assert_eq!(rl.statuses(3, "127.0.0.2", "/", &beta).await, [200, 200, 429]);
+    assert_eq!(
+        rl.statuses(3, "127.0.0.2", "/", &beta).await,
+        [200, 200, 429]
+    );
     // Requests without the header share one bucket of their own.
     assert_eq!(rl.statuses(3, "127.0.0.2", "/", &[]).await, [200, 200, 429]);
-    assert_eq!(rl.statuses(1, "127.0.0.3", "/", &[("x-api-key", "gamma")]).await, [200]);
+    assert_eq!(
+        rl.statuses(1, "127.0.0.3", "/", &[("x-api-key", "gamma")])
+            .await,
+        [200]
+    );
 }
 
 #[tokio::test]
@@ -350,7 +401,13 @@ async fn route_keyed_limit_is_shared_by_every_client() {
     )
     .await;
     let mut got = Vec::new();
-    for from in ["127.0.0.2", "127.0.0.3", "127.0.0.2", "127.0.0.3", "127.0.0.4"] {
+    for from in [
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.2",
+        "127.0.0.3",
+        "127.0.0.4",
+    ] {
         got.push(rl.get(from, "/global").await.status);
     }
     assert_eq!(got, [200, 200, 200, 429, 429]);
@@ -428,24 +485,43 @@ async fn shadow_mode_never_rejects_but_counts() {
     let got = rl.get_with("127.0.0.2", b"h2", "/shadow", &[]).await;
     assert_eq!(got.status, 200);
     assert!(got.headers.get("retry-after").is_none());
-    assert_eq!(rl.limited("/shadow", "ip", "shadow").await, 6.0, "every request past the burst is counted");
+    assert_eq!(
+        rl.limited("/shadow", "ip", "shadow").await,
+        6.0,
+        "every request past the burst is counted"
+    );
     assert_eq!(rl.limited("/shadow", "ip", "enforce").await, 0.0);
 
     // The same limit enforced refuses them, and is counted as enforce.
-    assert_eq!(rl.statuses(3, "127.0.0.2", "/enforce", &[]).await, [200, 429, 429]);
+    assert_eq!(
+        rl.statuses(3, "127.0.0.2", "/enforce", &[]).await,
+        [200, 429, 429]
+    );
     assert_eq!(rl.limited("/enforce", "ip", "enforce").await, 2.0);
     assert_eq!(rl.limited("/enforce", "ip", "shadow").await, 0.0);
 }
 
 /// Statuses of `paths` sent as streams of one HTTP/2 connection from `from`.
 async fn h2_statuses(rl: &Rl, from: &str, paths: &[&str]) -> Vec<u16> {
-    let tls = tls_connect_from(ip(from), rl.proxy.https, HOST, rl.pki.client_config(&[b"h2"])).await.unwrap();
+    let tls = tls_connect_from(
+        ip(from),
+        rl.proxy.https,
+        HOST,
+        rl.pki.client_config(&[b"h2"]),
+    )
+    .await
+    .unwrap();
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let mut out = Vec::new();
     for p in paths {
-        let req = req_builder(b"h2", HOST, p).body(Full::new(Bytes::new())).unwrap();
+        let req = req_builder(b"h2", HOST, p)
+            .body(Full::new(Bytes::new()))
+            .unwrap();
         let resp = send.send_request(req).await.unwrap();
         out.push(resp.status().as_u16());
         resp.into_body().collect().await.unwrap();
@@ -475,7 +551,10 @@ async fn http2_requests_count_like_http1() {
     }
     assert_eq!(remaining, [4, 3, 2], "one bucket across protocols");
     // Streams of one connection count one by one.
-    assert_eq!(h2_statuses(&rl, from, &["/", "/", "/", "/"]).await, [200, 200, 429, 429]);
+    assert_eq!(
+        h2_statuses(&rl, from, &["/", "/", "/", "/"]).await,
+        [200, 200, 429, 429]
+    );
     let got = rl.get_with(from, b"http/1.1", "/", &[]).await;
     assert_limited(&got, "too many requests\n", "\"ip\";q=5;w=300", 60);
     let got = rl.get_with(from, b"h2", "/", &[]).await;
@@ -547,7 +626,10 @@ idle = "61s"
             assert_eq!(header(&g, "ratelimit-policy"), "\"everyone\";q=10;w=600");
         }
     }
-    assert_eq!(admitted, 8, "the route-wide bucket kept its state across the reload");
+    assert_eq!(
+        admitted, 8,
+        "the route-wide bucket kept its state across the reload"
+    );
 
     // Changing a limit gives it a fresh bucket; the others keep theirs.
     rl.reload(r#"body = "v2\n""#, &routes(2, extra)).await;

@@ -138,27 +138,43 @@ impl Fixture {
             matches!(e, CertEvent::Rejected { name: n, error } if n == name && error.contains(needle))
         })
         .await;
-        let CertEvent::Rejected { error, .. } = ev else { unreachable!() };
+        let CertEvent::Rejected { error, .. } = ev else {
+            unreachable!()
+        };
 
         assert_eq!(
             served_serial(self.proxy.https, &self.host, &self.pki).await,
             self.good.serial,
             "the previous certificate keeps serving"
         );
-        let got = get(self.proxy.https, &self.host, "/", self.pki.client_config(&[b"h2"])).await;
+        let got = get(
+            self.proxy.https,
+            &self.host,
+            "/",
+            self.pki.client_config(&[b"h2"]),
+        )
+        .await;
         assert_eq!(got.status, 200);
 
         let inv = self.inventory().await;
         assert_eq!(inv["serial"], self.good.serial.as_str(), "{inv}");
         assert_eq!(inv["last_result"], "error", "{inv}");
-        let last_error = inv["last_error"].as_str().unwrap_or_else(|| panic!("no last_error: {inv}"));
-        assert!(last_error.contains(needle), "last_error {last_error:?} lacks {needle:?}");
+        let last_error = inv["last_error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no last_error: {inv}"));
+        assert!(
+            last_error.contains(needle),
+            "last_error {last_error:?} lacks {needle:?}"
+        );
         assert_eq!(last_error, error);
 
         // A reload (which re-reads every file) changes nothing and logs nothing new.
         let (status, body) = admin_post(self.proxy.admin.unwrap(), "/reload").await;
         assert_eq!(status, 200, "{body}");
-        assert_eq!(served_serial(self.proxy.https, &self.host, &self.pki).await, self.good.serial);
+        assert_eq!(
+            served_serial(self.proxy.https, &self.host, &self.pki).await,
+            self.good.serial
+        );
         let logged = log_lines(self.name, "keeping previous certificate");
         let logged: Vec<_> = logged.iter().filter(|l| l.contains(&error)).collect();
         assert_eq!(logged.len(), 1, "logged once: {logged:#?}");
@@ -173,12 +189,18 @@ impl Fixture {
         wait_published(&mut self.events, self.name, &next.serial, LIMIT)
             .await
             .unwrap();
-        assert_eq!(served_serial(self.proxy.https, &self.host, &self.pki).await, next.serial);
+        assert_eq!(
+            served_serial(self.proxy.https, &self.host, &self.pki).await,
+            next.serial
+        );
         let inv = self.inventory().await;
         assert_eq!(inv["last_result"], "ok", "{inv}");
         assert_eq!(inv["last_error"], serde_json::Value::Null, "{inv}");
         assert_eq!(inv["serial"], next.serial.as_str());
-        assert_eq!(self.certs.slot(self.name).unwrap().status().last_error, None);
+        assert_eq!(
+            self.certs.slot(self.name).unwrap().status().last_error,
+            None
+        );
     }
 }
 
@@ -204,8 +226,12 @@ async fn reload_keeps_last_good_on_truncated_key() {
 #[tokio::test]
 async fn reload_keeps_last_good_on_garbage() {
     let mut f = fixture("garbage").await;
-    replace_file(&f.cert, "this is not a certificate\n\u{1}\u{2}\u{3} ~~~ 0xdeadbeef\n");
-    f.expect_rejected("no \"-----BEGIN CERTIFICATE-----\" block found").await;
+    replace_file(
+        &f.cert,
+        "this is not a certificate\n\u{1}\u{2}\u{3} ~~~ 0xdeadbeef\n",
+    );
+    f.expect_rejected("no \"-----BEGIN CERTIFICATE-----\" block found")
+        .await;
     f.expect_recovery().await;
 }
 
@@ -265,7 +291,8 @@ async fn reload_keeps_last_good_on_certificate_not_covering_the_host() {
         now + time::Duration::days(30),
     );
     replace_file(&f.cert, &other.chain_pem);
-    f.expect_rejected("does not cover \"notcovering.test\"").await;
+    f.expect_rejected("does not cover \"notcovering.test\"")
+        .await;
     f.expect_recovery().await;
 }
 
@@ -337,7 +364,12 @@ async fn certificate_written_before_its_key_converges_without_a_mismatched_pair(
     let stop = CancellationToken::new();
     let handshakes = Arc::new(AtomicU64::new(0));
     let watcher = {
-        let (addr, host, stop, n) = (f.proxy.https, f.host.clone(), stop.clone(), handshakes.clone());
+        let (addr, host, stop, n) = (
+            f.proxy.https,
+            f.host.clone(),
+            stop.clone(),
+            handshakes.clone(),
+        );
         let cfg = full_handshake_config(&f.pki, &[]);
         let allowed = [f.good.serial.clone(), next.serial.clone()];
         tokio::spawn(async move {
@@ -369,11 +401,19 @@ async fn certificate_written_before_its_key_converges_without_a_mismatched_pair(
         eventually(LIMIT, || handshakes.load(Ordering::Relaxed) > before + 5).await,
         "handshakes keep going while the key is missing"
     );
-    assert_eq!(served_serial(f.proxy.https, &f.host, &f.pki).await, f.good.serial);
+    assert_eq!(
+        served_serial(f.proxy.https, &f.host, &f.pki).await,
+        f.good.serial
+    );
 
     replace_file(&f.key, &next.key_pem);
-    wait_published(&mut f.events, f.name, &next.serial, LIMIT).await.unwrap();
-    assert_eq!(served_serial(f.proxy.https, &f.host, &f.pki).await, next.serial);
+    wait_published(&mut f.events, f.name, &next.serial, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        served_serial(f.proxy.https, &f.host, &f.pki).await,
+        next.serial
+    );
     assert_eq!(f.inventory().await["last_error"], serde_json::Value::Null);
 
     stop.cancel();
@@ -389,6 +429,11 @@ async fn key_written_before_its_certificate_converges_too() {
     replace_file(&f.key, &next.key_pem);
     f.expect_rejected("does not match the certificate").await;
     replace_file(&f.cert, &next.chain_pem);
-    wait_published(&mut f.events, f.name, &next.serial, LIMIT).await.unwrap();
-    assert_eq!(served_serial(f.proxy.https, &f.host, &f.pki).await, next.serial);
+    wait_published(&mut f.events, f.name, &next.serial, LIMIT)
+        .await
+        .unwrap();
+    assert_eq!(
+        served_serial(f.proxy.https, &f.host, &f.pki).await,
+        next.serial
+    );
 }

@@ -58,9 +58,12 @@ async fn app_upstream(chunks: Chunks) -> (SocketAddr, CancellationToken) {
             };
             let on_upgrade = hyper::upgrade::on(&mut req);
             tokio::spawn(async move {
-                let Ok(upgraded) = on_upgrade.await else { return };
+                let Ok(upgraded) = on_upgrade.await else {
+                    return;
+                };
                 let mut ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
+                        .await;
                 for _ in 0..10_000 {
                     match ws.next().await {
                         Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
@@ -136,7 +139,10 @@ async fn reload(dir: &Path, admin: SocketAddr, toml: &str) -> (u16, serde_json::
     let (status, body) = tokio::time::timeout(STEP, admin_post(admin, "/reload"))
         .await
         .expect("reload answers in time");
-    (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")))
+    (
+        status,
+        serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}")),
+    )
 }
 
 /// GET on a fresh connection, bounded.
@@ -171,7 +177,12 @@ fn background_traffic(
                 let req = req_builder(b"http/1.1", "stable.test", "/")
                     .body(Full::new(Bytes::new()))
                     .unwrap();
-                match tokio::time::timeout(STEP, request(addr, "stable.test", pki.client_config(&[b"h2"]), req)).await {
+                match tokio::time::timeout(
+                    STEP,
+                    request(addr, "stable.test", pki.client_config(&[b"h2"]), req),
+                )
+                .await
+                {
                     Ok(Ok(got)) => (got.status == 200 && got.body == "up")
                         .then_some(())
                         .ok_or(format!("fresh: {} {:?}", got.status, got.body)),
@@ -221,23 +232,33 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
     let dirp = proxy.dir.path().to_path_buf();
 
     // A WebSocket on /ws (HTTP/1.1 upgrade).
-    let tls = tls_connect(proxy.https, "stable.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut ws, resp) = tokio::time::timeout(STEP, tokio_tungstenite::client_async("wss://stable.test/ws", tls))
-        .await
-        .expect("WebSocket handshake in time")
-        .expect("WebSocket handshake");
+    let tls = tls_connect(
+        proxy.https,
+        "stable.test",
+        pki.client_config(&[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let (mut ws, resp) = tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async("wss://stable.test/ws", tls),
+    )
+    .await
+    .expect("WebSocket handshake in time")
+    .expect("WebSocket handshake");
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
 
     // A download on /download (HTTP/2) that the test feeds chunk by chunk.
     let req = req_builder(b"h2", "stable.test", "/download")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = tokio::time::timeout(STEP, send(proxy.https, "stable.test", pki.client_config(&[b"h2"]), req))
-        .await
-        .expect("download starts in time")
-        .unwrap();
+    let resp = tokio::time::timeout(
+        STEP,
+        send(proxy.https, "stable.test", pki.client_config(&[b"h2"]), req),
+    )
+    .await
+    .expect("download starts in time")
+    .unwrap();
     assert_eq!(resp.status(), 200);
     let mut download = resp.into_body();
     let mut downloaded = 0usize;
@@ -261,7 +282,10 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
         .await
         .unwrap();
         if k % 2 == 1 {
-            assert!(extra_conn.is_ok(), "reload {k}: extra.test added: {extra_conn:?}");
+            assert!(
+                extra_conn.is_ok(),
+                "reload {k}: extra.test added: {extra_conn:?}"
+            );
             let got = fresh_get(proxy.https, "extra.test", "/", &pki).await;
             assert_eq!(got.body, format!("extra {k}"));
         } else {
@@ -303,16 +327,34 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
     assert_eq!(body["ok"], false);
     let error = body["error"].as_str().unwrap().to_string();
     let path = dirp.join("portcullis.toml");
-    let want = format!("{}:{line}: sites[1].routes[0].upstream: \"http//x\" is not a URL", path.display());
+    let want = format!(
+        "{}:{line}: sites[1].routes[0].upstream: \"http//x\" is not a URL",
+        path.display()
+    );
     assert!(error.contains(&want), "error {error:?} lacks {want:?}");
     let (_, certs) = admin_get(admin, "/certs").await;
     let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
-    assert_eq!(certs["config_reload"]["last_error"], error.as_str(), "{certs}");
-    // The running config is untouched and traffic flows.
-    assert_eq!(fresh_get(proxy.https, "stable.test", "/version", &pki).await.body, format!("v{RELOADS}"));
-    ws.send(Message::text("after the broken one")).await.unwrap();
     assert_eq!(
-        tokio::time::timeout(STEP, ws.next()).await.unwrap().unwrap().unwrap(),
+        certs["config_reload"]["last_error"],
+        error.as_str(),
+        "{certs}"
+    );
+    // The running config is untouched and traffic flows.
+    assert_eq!(
+        fresh_get(proxy.https, "stable.test", "/version", &pki)
+            .await
+            .body,
+        format!("v{RELOADS}")
+    );
+    ws.send(Message::text("after the broken one"))
+        .await
+        .unwrap();
+    assert_eq!(
+        tokio::time::timeout(STEP, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap(),
         Message::text("after the broken one")
     );
 
@@ -321,8 +363,16 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
     assert_eq!(status, 200, "{body}");
     let (_, certs) = admin_get(admin, "/certs").await;
     let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
-    assert_eq!(certs["config_reload"]["last_error"], serde_json::Value::Null, "{certs}");
-    assert_eq!(certs["config_reload"]["reloads"], RELOADS as u64 + 1, "{certs}");
+    assert_eq!(
+        certs["config_reload"]["last_error"],
+        serde_json::Value::Null,
+        "{certs}"
+    );
+    assert_eq!(
+        certs["config_reload"]["reloads"],
+        RELOADS as u64 + 1,
+        "{certs}"
+    );
 
     // The download ends cleanly with every byte; the WebSocket closes cleanly.
     drop(chunk_tx);
@@ -332,13 +382,19 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
         .expect("download ends cleanly")
         .to_bytes();
     assert!(rest.is_empty());
-    assert_eq!(downloaded, (1..=RELOADS).map(|k| chunk(k).len()).sum::<usize>());
+    assert_eq!(
+        downloaded,
+        (1..=RELOADS).map(|k| chunk(k).len()).sum::<usize>()
+    );
     ws.close(None).await.unwrap();
 
     stop.cancel();
     let (n, failures) = tokio::time::timeout(STEP, traffic).await.unwrap().unwrap();
     assert!(failures.is_empty(), "{n} requests, failures: {failures:#?}");
-    assert!(n > RELOADS as u64, "traffic ran through the reloads ({n} requests)");
+    assert!(
+        n > RELOADS as u64,
+        "traffic ran through the reloads ({n} requests)"
+    );
     proxy.shutdown.cancel();
 }
 
@@ -390,7 +446,11 @@ async fn refused_eventually(addr: SocketAddr) -> bool {
 
 /// A free port on 127.0.0.1 (bound then released).
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -399,7 +459,8 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     let (up, _up_stop) = app_upstream(Arc::new(Mutex::new(None))).await;
     let dir = tempfile::tempdir().unwrap();
     pki.leaf(&["stable.test"], Alg::Ecdsa).write(dir.path(), "");
-    pki.leaf(&["extra.test"], Alg::Ecdsa).write(dir.path(), "extra-");
+    pki.leaf(&["extra.test"], Alg::Ecdsa)
+        .write(dir.path(), "extra-");
     let redirect_port = free_port();
     let redirect = |https_port: u16| {
         format!("[[listeners]]\nlisten = \"127.0.0.1:{redirect_port}\"\nprotocol = \"http\"\nhttps_port = {https_port}\n")
@@ -424,7 +485,12 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
 
     // Add a second HTTPS listener (also on port 0: a second socket).
     let added_listener = "[[listeners]]\nlisten = \"127.0.0.1:0\"\n";
-    let (status, body) = reload(&dirp, admin, &config(up, 0, &format!("{}{added_listener}", redirect(8443)))).await;
+    let (status, body) = reload(
+        &dirp,
+        admin,
+        &config(up, 0, &format!("{}{added_listener}", redirect(8443))),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
     let opened: Vec<SocketAddr> = body["report"]["opened"]
         .as_array()
@@ -438,12 +504,25 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     assert_ne!(added, kept);
     assert_eq!(get_status(added, "stable.test", &pki).await, Ok(200));
     assert_eq!(get_status(kept, "stable.test", &pki).await, Ok(200));
-    assert_eq!(ask(&mut before).await, 200, "connection from before the reload");
+    assert_eq!(
+        ask(&mut before).await,
+        200,
+        "connection from before the reload"
+    );
 
     // The redirect listener changes its target port: same socket, new answer.
-    let (status, body) = reload(&dirp, admin, &config(up, 0, &format!("{}{added_listener}", redirect(9443)))).await;
+    let (status, body) = reload(
+        &dirp,
+        admin,
+        &config(up, 0, &format!("{}{added_listener}", redirect(9443))),
+    )
+    .await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["report"]["reconfigured"], serde_json::json!([format!("127.0.0.1:{redirect_port}")]), "{body}");
+    assert_eq!(
+        body["report"]["reconfigured"],
+        serde_json::json!([format!("127.0.0.1:{redirect_port}")]),
+        "{body}"
+    );
     assert_eq!(body["report"]["opened"], serde_json::json!([]), "{body}");
     let location = plain_get_location(SocketAddr::from(([127, 0, 0, 1], redirect_port))).await;
     assert_eq!(location, "https://stable.test:9443/x");
@@ -451,10 +530,21 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     // Remove the added listener: it closes; the first one stays.
     let (status, body) = reload(&dirp, admin, &config(up, 0, &redirect(9443))).await;
     assert_eq!(status, 200, "{body}");
-    assert_eq!(body["report"]["closed"], serde_json::json!([added.to_string()]), "{body}");
-    assert!(refused_eventually(added).await, "removed listener {added} still accepts");
+    assert_eq!(
+        body["report"]["closed"],
+        serde_json::json!([added.to_string()]),
+        "{body}"
+    );
+    assert!(
+        refused_eventually(added).await,
+        "removed listener {added} still accepts"
+    );
     assert_eq!(get_status(kept, "stable.test", &pki).await, Ok(200));
-    assert_eq!(ask(&mut before).await, 200, "connection from before the reloads");
+    assert_eq!(
+        ask(&mut before).await,
+        200,
+        "connection from before the reloads"
+    );
 
     // A few more reloads that leave the listeners alone.
     for k in 1..=5 {
@@ -467,7 +557,10 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
 
     stop.cancel();
     let (attempts, failures) = tokio::time::timeout(STEP, hammer).await.unwrap().unwrap();
-    assert!(failures.is_empty(), "{attempts} connections to the kept listener, failures: {failures:#?}");
+    assert!(
+        failures.is_empty(),
+        "{attempts} connections to the kept listener, failures: {failures:#?}"
+    );
     assert!(attempts > 0);
     proxy.shutdown.cancel();
 }
@@ -477,8 +570,14 @@ async fn ask(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -
     let req = req_builder(b"http/1.1", "stable.test", "/")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    tokio::time::timeout(STEP, send.ready()).await.unwrap().unwrap();
-    let resp = tokio::time::timeout(STEP, send.send_request(req)).await.unwrap().unwrap();
+    tokio::time::timeout(STEP, send.ready())
+        .await
+        .unwrap()
+        .unwrap();
+    let resp = tokio::time::timeout(STEP, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     let status = resp.status();
     resp.into_body().collect().await.unwrap();
     status
@@ -487,16 +586,24 @@ async fn ask(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -
 /// `GET /x` over plain HTTP/1.1; the `Location` of the answer.
 async fn plain_get_location(addr: SocketAddr) -> String {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = Request::builder()
         .uri("/x")
         .header("host", "stable.test")
         .body(Empty::<Bytes>::new())
         .unwrap();
-    let resp = tokio::time::timeout(STEP, send.send_request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(STEP, send.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 308);
-    resp.headers()[header::LOCATION].to_str().unwrap().to_string()
+    resp.headers()[header::LOCATION]
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -515,15 +622,31 @@ async fn sighup_reloads_the_running_binary() {
     let body = |p: &BinProxy| {
         let addr = p.https;
         let cfg = pki.client_config(&[b"h2"]);
-        async move { tokio::time::timeout(STEP, get(addr, "stable.test", "/", cfg)).await.unwrap().body }
+        async move {
+            tokio::time::timeout(STEP, get(addr, "stable.test", "/", cfg))
+                .await
+                .unwrap()
+                .body
+        }
     };
     assert_eq!(body(&proxy).await, "v1");
-    let count = |p: &BinProxy, needle: &str| p.log.lock().unwrap().iter().filter(|l| l.contains(needle)).count();
+    let count = |p: &BinProxy, needle: &str| {
+        p.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    };
 
     // A keep-alive connection from before the reloads.
-    let tls = tls_connect(proxy.https, "stable.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
+    let tls = tls_connect(
+        proxy.https,
+        "stable.test",
+        pki.client_config(&[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
     let (mut before, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
@@ -565,7 +688,10 @@ async fn sighup_reloads_the_running_binary() {
         .body(Empty::<Bytes>::new())
         .unwrap();
     before.ready().await.unwrap();
-    let resp = tokio::time::timeout(STEP, before.send_request(req)).await.unwrap().unwrap();
+    let resp = tokio::time::timeout(STEP, before.send_request(req))
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "v2");
 }

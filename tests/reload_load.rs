@@ -74,11 +74,7 @@ impl Stats {
 }
 
 /// GET `/` on an open connection; Ok(()) on 200 "ok".
-async fn get_ok<B>(
-    send: &mut B,
-    alpn: &[u8],
-    host: &str,
-) -> Result<(), String>
+async fn get_ok<B>(send: &mut B, alpn: &[u8], host: &str) -> Result<(), String>
 where
     B: Sender,
 {
@@ -170,13 +166,15 @@ async fn shared_h2(
         other => return stats.fail(format!("h2 connect to {}: {other:?}", site.host)),
     };
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    let (send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-        .await
-        .unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+            .await
+            .unwrap();
     tokio::spawn(conn);
     let mut streams = Vec::new();
     for _ in 0..H2_STREAMS {
-        let (mut send, site, stats, stop) = (send.clone(), site.clone(), stats.clone(), stop.clone());
+        let (mut send, site, stats, stop) =
+            (send.clone(), site.clone(), stats.clone(), stop.clone());
         streams.push(tokio::spawn(async move {
             while !stop.is_cancelled() {
                 match get_ok(&mut send, b"h2", &site.host).await {
@@ -212,16 +210,14 @@ async fn handshake_per_request(
         let site = &sites[i % sites.len()];
         let alpn: &[u8] = if i % 2 == 0 { b"h2" } else { b"http/1.1" };
         let announced = site.announced.load(Ordering::SeqCst);
-        let tls = match tokio::time::timeout(
-            STEP,
-            tls_connect(addr, &site.host, configs[i % 2].clone()),
-        )
-        .await
-        {
-            Ok(Ok(t)) => t,
-            Ok(Err(e)) => return stats.fail(format!("handshake {}: {e}", site.host)),
-            Err(_) => return stats.fail(format!("handshake {} timed out", site.host)),
-        };
+        let tls =
+            match tokio::time::timeout(STEP, tls_connect(addr, &site.host, configs[i % 2].clone()))
+                .await
+            {
+                Ok(Ok(t)) => t,
+                Ok(Err(e)) => return stats.fail(format!("handshake {}: {e}", site.host)),
+                Err(_) => return stats.fail(format!("handshake {} timed out", site.host)),
+            };
         let serial = serial_of(&peer_leaf(&tls));
         match site.generation(&serial) {
             Some(g) if g >= announced => {}
@@ -266,7 +262,8 @@ async fn resuming(
 ) {
     let cfg = pki.client_config(&[b"http/1.1"]);
     while !stop.is_cancelled() {
-        let tls = match tokio::time::timeout(STEP, tls_connect(addr, &site.host, cfg.clone())).await {
+        let tls = match tokio::time::timeout(STEP, tls_connect(addr, &site.host, cfg.clone())).await
+        {
             Ok(Ok(t)) => t,
             other => return stats.fail(format!("resuming handshake {}: {other:?}", site.host)),
         };
@@ -287,13 +284,13 @@ async fn resuming(
 async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
     let started = Instant::now();
     let pki = Arc::new(Pki::new());
-    let (up, _up_stop) = upstream(|_req: Request<Incoming>| async { Response::new(full("ok")) }).await;
+    let (up, _up_stop) =
+        upstream(|_req: Request<Incoming>| async { Response::new(full("ok")) }).await;
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     let mut sites = Vec::new();
-    let mut toml = String::from(
-        "[admin]\nlisten = \"off\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n",
-    );
+    let mut toml =
+        String::from("[admin]\nlisten = \"off\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n");
     for (i, pattern) in WritePattern::ALL.into_iter().enumerate() {
         let name = format!("p{i}");
         let host = format!("{name}.test");
@@ -322,11 +319,23 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
     let mut clients = Vec::new();
     for i in 0..KEEPALIVE_H1 {
         let site = sites[i % sites.len()].clone();
-        clients.push(tokio::spawn(keepalive_h1(addr, site, pki.clone(), stats.clone(), stop.clone())));
+        clients.push(tokio::spawn(keepalive_h1(
+            addr,
+            site,
+            pki.clone(),
+            stats.clone(),
+            stop.clone(),
+        )));
     }
     for i in 0..H2_CONNS {
         let site = sites[(i + 2) % sites.len()].clone();
-        clients.push(tokio::spawn(shared_h2(addr, site, pki.clone(), stats.clone(), stop.clone())));
+        clients.push(tokio::spawn(shared_h2(
+            addr,
+            site,
+            pki.clone(),
+            stats.clone(),
+            stop.clone(),
+        )));
     }
     for i in 0..HANDSHAKE_PER_REQUEST {
         clients.push(tokio::spawn(handshake_per_request(
@@ -340,7 +349,13 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
     }
     for i in 0..RESUMING {
         let site = sites[(i + 1) % sites.len()].clone();
-        clients.push(tokio::spawn(resuming(addr, site, pki.clone(), stats.clone(), stop.clone())));
+        clients.push(tokio::spawn(resuming(
+            addr,
+            site,
+            pki.clone(),
+            stats.clone(),
+            stop.clone(),
+        )));
     }
     let concurrent = KEEPALIVE_H1 + H2_CONNS * H2_STREAMS + HANDSHAKE_PER_REQUEST + RESUMING;
     assert!(concurrent >= 32);
@@ -356,11 +371,16 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
                 break 'swapping;
             }
             let leaf = pki.leaf(&[&site.host], Alg::Ecdsa);
-            site.generations.lock().unwrap().insert(leaf.serial.clone(), round);
+            site.generations
+                .lock()
+                .unwrap()
+                .insert(leaf.serial.clone(), round);
             let t0 = Instant::now();
             files[i].replace(&leaf);
             match wait_published(&mut events, &site.name, &leaf.serial, STEP).await {
-                Ok(rejected) => rejected_on_the_way.extend(rejected.into_iter().map(|e| (files[i].pattern, e))),
+                Ok(rejected) => {
+                    rejected_on_the_way.extend(rejected.into_iter().map(|e| (files[i].pattern, e)))
+                }
                 Err(e) => panic!("{:?} swap {round} of {}: {e}", files[i].pattern, site.name),
             }
             swap_times.push(t0.elapsed());
@@ -373,7 +393,8 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
     // Let the clients run on the final certificates for a moment, then stop.
     let settle = Instant::now();
     let before = stats.handshakes_checked.load(Ordering::Relaxed);
-    while stats.handshakes_checked.load(Ordering::Relaxed) < before + 50 && settle.elapsed() < STEP {
+    while stats.handshakes_checked.load(Ordering::Relaxed) < before + 50 && settle.elapsed() < STEP
+    {
         tokio::task::yield_now().await;
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -397,18 +418,33 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
         swap_times.get(swap_times.len() / 2),
         swap_times.last(),
     );
-    assert!(failures.is_empty(), "{} failures: {failures:#?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} failures: {failures:#?}",
+        failures.len()
+    );
     for p in WritePattern::ALL {
-        assert_eq!(swaps.get(&p).copied(), Some(ROUNDS), "{p:?} swaps: {swaps:?}");
+        assert_eq!(
+            swaps.get(&p).copied(),
+            Some(ROUNDS),
+            "{p:?} swaps: {swaps:?}"
+        );
     }
     assert!(swaps.values().sum::<usize>() >= 50);
     assert!(stats.h1_requests.load(Ordering::Relaxed) > 0);
     assert!(stats.h2_requests.load(Ordering::Relaxed) > 0);
     assert!(stats.handshakes_after_swap.load(Ordering::Relaxed) > 0);
-    assert!(stats.resumed.load(Ordering::Relaxed) > 0, "session tickets survive swaps");
+    assert!(
+        stats.resumed.load(Ordering::Relaxed) > 0,
+        "session tickets survive swaps"
+    );
     for site in sites.iter() {
         let st = certs.slot(&site.name).unwrap().status();
-        assert_eq!(st.last_error, None, "{}: pending error after the last swap", site.name);
+        assert_eq!(
+            st.last_error, None,
+            "{}: pending error after the last swap",
+            site.name
+        );
     }
     proxy.shutdown.cancel();
 }
@@ -441,19 +477,24 @@ async fn watcher_goes_quiet_after_a_swap() {
         let opens = opens.clone();
         notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
             if let Ok(ev) = ev {
-                if matches!(ev.kind, EventKind::Access(AccessKind::Open(_))) && ev.paths.iter().any(|p| files.contains(p)) {
+                if matches!(ev.kind, EventKind::Access(AccessKind::Open(_)))
+                    && ev.paths.iter().any(|p| files.contains(p))
+                {
                     opens.fetch_add(1, Ordering::Relaxed);
                 }
             }
         })
         .unwrap()
     };
-    spy.watch(proxy.dir.path(), notify::RecursiveMode::NonRecursive).unwrap();
+    spy.watch(proxy.dir.path(), notify::RecursiveMode::NonRecursive)
+        .unwrap();
 
     let next = pki.leaf(&["quiet.test"], Alg::Ecdsa);
     replace_file(&key, &next.key_pem);
     replace_file(&cert, &next.chain_pem);
-    wait_published(&mut events, "quiet", &next.serial, STEP).await.unwrap();
+    wait_published(&mut events, "quiet", &next.serial, STEP)
+        .await
+        .unwrap();
     assert!(
         eventually(STEP, || opens.load(Ordering::Relaxed) > 0).await,
         "the spy sees the watcher's reads"
@@ -464,7 +505,13 @@ async fn watcher_goes_quiet_after_a_swap() {
     let before = opens.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rereads = opens.load(Ordering::Relaxed) - before;
-    assert!(rereads <= 2, "the unchanged files were opened {rereads} times in 1 s");
-    assert_eq!(served_serial(proxy.https, "quiet.test", &pki).await, next.serial);
+    assert!(
+        rereads <= 2,
+        "the unchanged files were opened {rereads} times in 1 s"
+    );
+    assert_eq!(
+        served_serial(proxy.https, "quiet.test", &pki).await,
+        next.serial
+    );
     proxy.shutdown.cancel();
 }

@@ -26,7 +26,13 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
     )
     .await;
     for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
-        let got = get(proxy.https, "api.test", "/x?y=1", pki.client_config(&[alpn])).await;
+        let got = get(
+            proxy.https,
+            "api.test",
+            "/x?y=1",
+            pki.client_config(&[alpn]),
+        )
+        .await;
         assert_eq!(got.status, 200);
         let seen = got.seen();
         assert_eq!(seen[":path"], "/x?y=1");

@@ -40,7 +40,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 #[derive(Parser, Debug)]
-#[command(name = "hsload", about = "TLS handshakes + one GET per connection, for a bounded time")]
+#[command(
+    name = "hsload",
+    about = "TLS handshakes + one GET per connection, for a bounded time"
+)]
 struct Args {
     /// Address to connect to.
     #[arg(long)]
@@ -134,7 +137,9 @@ fn client_config(args: &Args, resumption: Resumption) -> Result<Arc<ClientConfig
     let mut cfg = match &args.cafile {
         Some(path) => {
             let mut roots = RootCertStore::empty();
-            for cert in CertificateDer::pem_file_iter(path).map_err(|e| format!("{}: {e}", path.display()))? {
+            for cert in CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("{}: {e}", path.display()))?
+            {
                 roots
                     .add(cert.map_err(|e| format!("{}: {e}", path.display()))?)
                     .map_err(|e| format!("{}: {e}", path.display()))?;
@@ -158,24 +163,39 @@ struct Done {
     resumed: bool,
 }
 
-async fn one(connector: &TlsConnector, addr: SocketAddr, name: &ServerName<'static>, request: &[u8]) -> Result<Done, String> {
-    let tcp = TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+async fn one(
+    connector: &TlsConnector,
+    addr: SocketAddr,
+    name: &ServerName<'static>,
+    request: &[u8],
+) -> Result<Done, String> {
+    let tcp = TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
     let _ = tcp.set_nodelay(true);
     let mut tls = connector
         .connect(name.clone(), tcp)
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let resumed = tls.get_ref().1.handshake_kind() == Some(HandshakeKind::Resumed);
-    tls.write_all(request).await.map_err(|e| format!("write: {e}"))?;
+    tls.write_all(request)
+        .await
+        .map_err(|e| format!("write: {e}"))?;
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 4096];
     loop {
-        let n = tls.read(&mut chunk).await.map_err(|e| format!("read: {e}"))?;
+        let n = tls
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
         if n == 0 {
             // EOF: fine only if the response has no length (read to close).
             return match parse(&buf, true)? {
                 Some(done) => Ok(Done { resumed, ..done }),
-                None => Err(format!("connection closed after {} bytes of response", buf.len())),
+                None => Err(format!(
+                    "connection closed after {} bytes of response",
+                    buf.len()
+                )),
             };
         }
         buf.extend_from_slice(&chunk[..n]);
@@ -204,9 +224,14 @@ fn parse(buf: &[u8], eof: bool) -> Result<Option<Done>, String> {
     };
     let body = &buf[head_len..];
     let complete = if let Some(cl) = header("content-length") {
-        let cl: usize = cl.trim().parse().map_err(|_| format!("bad content-length {cl:?}"))?;
+        let cl: usize = cl
+            .trim()
+            .parse()
+            .map_err(|_| format!("bad content-length {cl:?}"))?;
         (body.len() >= cl).then(|| body[..cl].to_vec())
-    } else if header("transfer-encoding").is_some_and(|te| te.to_ascii_lowercase().contains("chunked")) {
+    } else if header("transfer-encoding")
+        .is_some_and(|te| te.to_ascii_lowercase().contains("chunked"))
+    {
         body.ends_with(b"0\r\n\r\n").then(|| body.to_vec())
     } else {
         eof.then(|| body.to_vec())
@@ -252,7 +277,8 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<std::process::ExitCode, String> {
-    let name = ServerName::try_from(args.sni.clone()).map_err(|e| format!("--sni {:?}: {e}", args.sni))?;
+    let name =
+        ServerName::try_from(args.sni.clone()).map_err(|e| format!("--sni {:?}: {e}", args.sni))?;
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: hsload\r\nConnection: close\r\n\r\n",
         args.path, args.sni
@@ -261,10 +287,17 @@ async fn run(args: Args) -> Result<std::process::ExitCode, String> {
 
     if args.probe {
         let connector = TlsConnector::from(client_config(&args, Resumption::disabled())?);
-        let done = tokio::time::timeout(Duration::from_secs(5), one(&connector, args.addr, &name, &request))
-            .await
-            .map_err(|_| "timed out".to_string())??;
-        println!("{} {}", done.status, String::from_utf8_lossy(&done.body).trim_end());
+        let done = tokio::time::timeout(
+            Duration::from_secs(5),
+            one(&connector, args.addr, &name, &request),
+        )
+        .await
+        .map_err(|_| "timed out".to_string())??;
+        println!(
+            "{} {}",
+            done.status,
+            String::from_utf8_lossy(&done.body).trim_end()
+        );
         return Ok(if done.status == 200 {
             std::process::ExitCode::SUCCESS
         } else {
@@ -279,11 +312,15 @@ async fn run(args: Args) -> Result<std::process::ExitCode, String> {
             // A ticket store per task, so each connection resumes with the
             // ticket its predecessor on this task was given. One untimed
             // full handshake per task first fills the store.
-            let connector = TlsConnector::from(client_config(&args, Resumption::in_memory_sessions(8))?);
-            tokio::time::timeout(Duration::from_secs(10), one(&connector, args.addr, &name, &request))
-                .await
-                .map_err(|_| "priming connection timed out".to_string())?
-                .map_err(|e| format!("priming connection: {e}"))?;
+            let connector =
+                TlsConnector::from(client_config(&args, Resumption::in_memory_sessions(8))?);
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                one(&connector, args.addr, &name, &request),
+            )
+            .await
+            .map_err(|_| "priming connection timed out".to_string())?
+            .map_err(|e| format!("priming connection: {e}"))?;
             connectors.push(connector);
         } else {
             connectors.push(TlsConnector::from(shared.clone()));
@@ -298,18 +335,23 @@ async fn run(args: Args) -> Result<std::process::ExitCode, String> {
             let mut t = Tally::default();
             while Instant::now() < deadline {
                 let t0 = Instant::now();
-                let r = tokio::time::timeout(Duration::from_secs(10), one(&connector, addr, &name, &request))
-                    .await
-                    .unwrap_or_else(|_| Err("timed out after 10s".into()));
+                let r = tokio::time::timeout(
+                    Duration::from_secs(10),
+                    one(&connector, addr, &name, &request),
+                )
+                .await
+                .unwrap_or_else(|_| Err("timed out after 10s".into()));
                 match r {
                     Ok(done) if done.status == 200 => {
                         t.ok += 1;
                         t.resumed += u64::from(done.resumed);
-                        t.latencies_us.push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                        t.latencies_us
+                            .push(t0.elapsed().as_micros().min(u32::MAX as u128) as u32);
                     }
                     Ok(done) => {
                         t.errors += 1;
-                        t.first_error.get_or_insert_with(|| format!("status {}", done.status));
+                        t.first_error
+                            .get_or_insert_with(|| format!("status {}", done.status));
                     }
                     Err(e) => {
                         t.errors += 1;
@@ -336,8 +378,15 @@ async fn run(args: Args) -> Result<std::process::ExitCode, String> {
     let elapsed = start.elapsed().as_secs_f64();
     all.latencies_us.sort_unstable();
     let rate = all.ok as f64 / elapsed;
-    let (p50, p99) = (percentile(&all.latencies_us, 0.50), percentile(&all.latencies_us, 0.99));
-    let kind = if args.resume { "resumed-capable" } else { "full" };
+    let (p50, p99) = (
+        percentile(&all.latencies_us, 0.50),
+        percentile(&all.latencies_us, 0.99),
+    );
+    let kind = if args.resume {
+        "resumed-capable"
+    } else {
+        "full"
+    };
     println!(
         "{} connections ({kind} handshakes) in {elapsed:.2}s: {rate:.1} handshakes/s, {} resumed, {} errors, latency p50 {p50:.2} ms p99 {p99:.2} ms",
         all.ok, all.resumed, all.errors

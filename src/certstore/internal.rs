@@ -58,14 +58,16 @@ impl InternalCa {
             let key = KeyPair::from_pem(&key_pem)
                 .map_err(|e| err(&format!("{} is not a usable key", key_path.display()), e))?;
             let chain = load::parse_chain(cert_pem.as_bytes(), &cert_path)?;
-            let issuer = Issuer::from_ca_cert_der(&chain[0], key)
-                .map_err(|e| err(&format!("{} is not a usable CA certificate", cert_path.display()), e))?;
-            return Ok(InternalCa {
-                issuer,
-                cert_path,
-            });
+            let issuer = Issuer::from_ca_cert_der(&chain[0], key).map_err(|e| {
+                err(
+                    &format!("{} is not a usable CA certificate", cert_path.display()),
+                    e,
+                )
+            })?;
+            return Ok(InternalCa { issuer, cert_path });
         }
-        fsutil::ensure_private_dir(&dir).map_err(|e| err(&format!("cannot create {}", dir.display()), e))?;
+        fsutil::ensure_private_dir(&dir)
+            .map_err(|e| err(&format!("cannot create {}", dir.display()), e))?;
         let key = KeyPair::generate().map_err(|e| err("key generation", e))?;
         let mut params = CertificateParams::default();
         params
@@ -104,9 +106,10 @@ impl InternalCa {
     pub fn issue(&self, hosts: &[HostPattern]) -> Result<ServedCert, CertError> {
         let names: Vec<String> = hosts.iter().map(ToString::to_string).collect();
         let mut params = CertificateParams::new(names.clone()).map_err(|e| err("leaf names", e))?;
-        params
-            .distinguished_name
-            .push(DnType::CommonName, names.first().cloned().unwrap_or_default());
+        params.distinguished_name.push(
+            DnType::CommonName,
+            names.first().cloned().unwrap_or_default(),
+        );
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
@@ -121,7 +124,16 @@ impl InternalCa {
         let chain = vec![cert.der().clone()];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let path = Path::new("<internal CA>");
-        load::build(chain, key, path, path, hosts, Checks { allow_expired: false })
+        load::build(
+            chain,
+            key,
+            path,
+            path,
+            hosts,
+            Checks {
+                allow_expired: false,
+            },
+        )
     }
 }
 
@@ -138,7 +150,11 @@ pub fn spawn_renewer(store: Arc<CertStore>, ca: Arc<InternalCa>, shutdown: Cance
                     continue;
                 }
                 let due = slot.current().is_none_or(|c| {
-                    let left = c.info.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+                    let left = c
+                        .info
+                        .not_after
+                        .duration_since(SystemTime::now())
+                        .unwrap_or_default();
                     let life = c
                         .info
                         .not_after

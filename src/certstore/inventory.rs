@@ -90,9 +90,15 @@ pub fn report(slot: &CertSlot, now: SystemTime) -> CertReport {
     let cur = slot.current();
     let status = slot.status();
     let (cert_path, key_path) = match &slot.source {
-        CertSource::File { cert, key } => (Some(cert.display().to_string()), Some(key.display().to_string())),
+        CertSource::File { cert, key } => (
+            Some(cert.display().to_string()),
+            Some(key.display().to_string()),
+        ),
         CertSource::Internal => (None, None),
-        CertSource::Acme { bundle, .. } => (Some(bundle.display().to_string()), Some(bundle.display().to_string())),
+        CertSource::Acme { bundle, .. } => (
+            Some(bundle.display().to_string()),
+            Some(bundle.display().to_string()),
+        ),
     };
     let auto_renew = slot.source.auto_renew();
     let info = cur.as_ref().map(|c| &c.info);
@@ -100,7 +106,10 @@ pub fn report(slot: &CertSlot, now: SystemTime) -> CertReport {
         // The ACME manager schedules (renewal information, backoff) and says when.
         (CertSource::Acme { .. }, _) => status.next_renewal.map(rfc3339),
         (CertSource::Internal, Some(i)) => {
-            let life = i.not_after.duration_since(i.not_before).unwrap_or(internal::LEAF_LIFETIME);
+            let life = i
+                .not_after
+                .duration_since(i.not_before)
+                .unwrap_or(internal::LEAF_LIFETIME);
             Some(rfc3339(i.not_after - life / 3))
         }
         _ => None,
@@ -124,7 +133,12 @@ pub fn report(slot: &CertSlot, now: SystemTime) -> CertReport {
         auto_renew,
         next_renewal,
         last_loaded: status.last_loaded.map(rfc3339),
-        last_result: if status.last_error.is_some() { "error" } else { "ok" }.to_string(),
+        last_result: if status.last_error.is_some() {
+            "error"
+        } else {
+            "ok"
+        }
+        .to_string(),
         last_error: status.last_error,
         last_error_at: status.last_error_at.map(rfc3339),
         chain: info

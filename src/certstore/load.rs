@@ -123,9 +123,14 @@ fn describe_pem(e: &rustls_pki_types::pem::Error) -> String {
     use rustls_pki_types::pem::Error as E;
     match e {
         E::MissingSectionEnd { end_marker } => {
-            format!("\"-----END {}-----\" is missing", String::from_utf8_lossy(end_marker))
+            format!(
+                "\"-----END {}-----\" is missing",
+                String::from_utf8_lossy(end_marker)
+            )
         }
-        E::IllegalSectionStart { line } => format!("bad line \"{}\"", String::from_utf8_lossy(line).trim()),
+        E::IllegalSectionStart { line } => {
+            format!("bad line \"{}\"", String::from_utf8_lossy(line).trim())
+        }
         other => other.to_string(),
     }
 }
@@ -214,7 +219,10 @@ pub fn inspect_chain(chain: &[CertificateDer<'_>], path: &Path) -> Result<CertIn
     for (i, der) in chain.iter().enumerate() {
         let (_, cert) = X509Certificate::from_der(der.as_ref()).map_err(|e| CertError::Pem {
             path: path.to_path_buf(),
-            reason: format!("certificate {} of the chain is not valid X.509 ({e})", i + 1),
+            reason: format!(
+                "certificate {} of the chain is not valid X.509 ({e})",
+                i + 1
+            ),
         })?;
         parsed.push(cert);
     }

@@ -127,8 +127,16 @@ impl CertSource {
 /// Where the ACME certificate of site `name` is stored under `state_dir`.
 pub fn acme_bundle_path(state_dir: &Path, name: &str) -> PathBuf {
     // Site names are [A-Za-z0-9._-]; keep "." and ".." from naming a parent.
-    let dir = if name.starts_with('.') { format!("_{name}") } else { name.to_string() };
-    state_dir.join("acme").join("certs").join(dir).join("cert.pem")
+    let dir = if name.starts_with('.') {
+        format!("_{name}")
+    } else {
+        name.to_string()
+    };
+    state_dir
+        .join("acme")
+        .join("certs")
+        .join(dir)
+        .join("cert.pem")
 }
 
 /// One certificate of a chain, as the inventory shows it.
@@ -224,7 +232,12 @@ impl fmt::Debug for CertSlot {
 
 impl CertSlot {
     /// A slot with nothing in service yet.
-    pub fn new(name: String, hosts: Vec<HostPattern>, source: CertSource, is_default: bool) -> Self {
+    pub fn new(
+        name: String,
+        hosts: Vec<HostPattern>,
+        source: CertSource,
+        is_default: bool,
+    ) -> Self {
         CertSlot {
             name,
             hosts,
@@ -268,7 +281,10 @@ impl CertSlot {
 
     /// Records when the certificate will next be renewed.
     pub fn set_next_renewal(&self, at: Option<SystemTime>) {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).next_renewal = at;
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_renewal = at;
     }
 
     /// Clears a pending error (the files are back to what is served).
@@ -280,12 +296,18 @@ impl CertSlot {
 
     /// Whether `other` describes the same certificate source for the same names.
     pub fn same_source(&self, other: &CertSlot) -> bool {
-        self.name == other.name && self.hosts == other.hosts && self.source == other.source && self.is_default == other.is_default
+        self.name == other.name
+            && self.hosts == other.hosts
+            && self.source == other.source
+            && self.is_default == other.is_default
     }
 
     /// A copy of the status.
     pub fn status(&self) -> SlotStatus {
-        self.status.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.status
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 }
 
@@ -467,13 +489,19 @@ impl CertStore {
     /// Builds the slots for `config`, reusing `previous` slots whose source
     /// and names did not change (their certificates are not re-read).
     /// Nothing is published; all failures are returned together.
-    pub fn build_map(config: &Config, ca: Option<&InternalCa>, previous: Option<&SniMap>) -> Result<SniMap, Vec<SiteCertError>> {
+    pub fn build_map(
+        config: &Config,
+        ca: Option<&InternalCa>,
+        previous: Option<&SniMap>,
+    ) -> Result<SniMap, Vec<SiteCertError>> {
         let mut errors = Vec::new();
         let mut slots = Vec::new();
         for site in &config.sites {
             let (source, origin) = site_source(config, site);
             let fresh = CertSlot::new(site.name.clone(), site.hosts.clone(), source, site.default);
-            if let Some(old) = previous.and_then(|m| m.slots().iter().find(|s| s.same_source(&fresh))) {
+            if let Some(old) =
+                previous.and_then(|m| m.slots().iter().find(|s| s.same_source(&fresh)))
+            {
                 // An ACME slot is kept even while empty: its manager task
                 // publishes into it.
                 if old.current().is_some() || matches!(old.source, CertSource::Acme { .. }) {
@@ -482,7 +510,13 @@ impl CertStore {
                 }
             }
             let slot = Arc::new(fresh);
-            match obtain(&slot, ca, Checks { allow_expired: true }) {
+            match obtain(
+                &slot,
+                ca,
+                Checks {
+                    allow_expired: true,
+                },
+            ) {
                 Ok(cert) => {
                     if SystemTime::now() > cert.info.not_after {
                         tracing::warn!(site = %site.name, not_after = %rfc3339(cert.info.not_after), "serving an expired certificate; install a renewed one");
@@ -518,7 +552,9 @@ impl CertStore {
     /// Loads every site's certificate. All failures are returned together.
     pub fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
         let store = CertStore::new();
-        store.map.store(Arc::new(CertStore::build_map(config, ca, None)?));
+        store
+            .map
+            .store(Arc::new(CertStore::build_map(config, ca, None)?));
         Ok(store)
     }
 
@@ -540,12 +576,22 @@ impl CertStore {
     /// The inventory of every certificate in service.
     pub fn inventory(&self) -> Vec<inventory::CertReport> {
         let now = SystemTime::now();
-        self.map.load().slots().iter().map(|s| inventory::report(s, now)).collect()
+        self.map
+            .load()
+            .slots()
+            .iter()
+            .map(|s| inventory::report(s, now))
+            .collect()
     }
 
     /// The slot named `name`.
     pub fn slot(&self, name: &str) -> Option<Arc<CertSlot>> {
-        self.map.load().slots().iter().find(|s| s.name == name).cloned()
+        self.map
+            .load()
+            .slots()
+            .iter()
+            .find(|s| s.name == name)
+            .cloned()
     }
 
     /// Whether an SNI name has a certificate to serve (hot path).
@@ -591,26 +637,35 @@ pub fn source_of(config: &Config, site: &crate::config::SiteConfig) -> CertSourc
 }
 
 /// Produces a certificate for a slot from its source.
-pub fn obtain(slot: &CertSlot, ca: Option<&InternalCa>, checks: Checks) -> Result<ServedCert, CertError> {
+pub fn obtain(
+    slot: &CertSlot,
+    ca: Option<&InternalCa>,
+    checks: Checks,
+) -> Result<ServedCert, CertError> {
     match &slot.source {
         CertSource::File { cert, key } => {
             let (c, k) = (load::read(cert)?, load::read(key)?);
             let mut served = load::from_pem(&c, cert, &k, key, &slot.hosts, checks)?;
-            slot.last_hash
-                .store(watch::content_hash(&c, &k), std::sync::atomic::Ordering::Release);
+            slot.last_hash.store(
+                watch::content_hash(&c, &k),
+                std::sync::atomic::Ordering::Release,
+            );
             served.info.cert_path = Some(cert.clone());
             served.info.key_path = Some(key.clone());
             Ok(served)
         }
         CertSource::Internal => {
-            let ca = ca.ok_or_else(|| CertError::Internal("the internal CA is not available".into()))?;
+            let ca =
+                ca.ok_or_else(|| CertError::Internal("the internal CA is not available".into()))?;
             ca.issue(&slot.hosts)
         }
         CertSource::Acme { bundle, .. } => {
             let pem = match std::fs::read(bundle) {
                 Ok(pem) => pem,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(CertError::NotIssued { path: bundle.clone() })
+                    return Err(CertError::NotIssued {
+                        path: bundle.clone(),
+                    })
                 }
                 Err(_) => load::read(bundle)?,
             };
@@ -638,7 +693,11 @@ impl Resolver {
 
 impl ResolvesServerCert for Resolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.store.map.load().lookup(hello.server_name())?.certified_key()
+        self.store
+            .map
+            .load()
+            .lookup(hello.server_name())?
+            .certified_key()
     }
 }
 
@@ -650,6 +709,9 @@ pub fn rfc3339(t: SystemTime) -> String {
         .unwrap_or(0);
     time::OffsetDateTime::from_unix_timestamp(secs)
         .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
         .unwrap_or_else(|| secs.to_string())
 }

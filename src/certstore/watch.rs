@@ -74,14 +74,25 @@ pub fn reload_slot(store: &CertStore, slot: &CertSlot, force: bool) -> Outcome {
                 return Outcome::Unchanged;
             }
             slot.last_hash.store(hash, Ordering::Release);
-            match load::from_pem(&c, cert, &k, key, &slot.hosts, Checks { allow_expired: false }) {
-                Err(e) => Outcome::Rejected { error: e.to_string() },
+            match load::from_pem(
+                &c,
+                cert,
+                &k,
+                key,
+                &slot.hosts,
+                Checks {
+                    allow_expired: false,
+                },
+            ) {
+                Err(e) => Outcome::Rejected {
+                    error: e.to_string(),
+                },
                 Ok(mut served) => {
                     served.info.cert_path = Some(cert.clone());
                     served.info.key_path = Some(key.clone());
-                    let same = slot
-                        .current()
-                        .is_some_and(|cur| cur.key.cert == served.key.cert && cur.info.serial == served.info.serial);
+                    let same = slot.current().is_some_and(|cur| {
+                        cur.key.cert == served.key.cert && cur.info.serial == served.info.serial
+                    });
                     if same {
                         slot.clear_error();
                         return Outcome::Unchanged;
@@ -103,7 +114,10 @@ pub(crate) fn report(store: &CertStore, slot: &CertSlot, outcome: &Outcome) {
         Outcome::Unchanged => {}
         Outcome::Published { serial } => {
             store.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-            store.stats.last_success.store(unix_now(), Ordering::Relaxed);
+            store
+                .stats
+                .last_success
+                .store(unix_now(), Ordering::Relaxed);
             tracing::info!(site = %slot.name, %serial, "certificate replaced");
             let _ = store.events.send(CertEvent::Published {
                 name: slot.name.clone(),
@@ -151,7 +165,9 @@ fn dirs_for(path: &Path) -> Vec<PathBuf> {
     let abs = if path.is_absolute() {
         path.to_path_buf()
     } else {
-        std::env::current_dir().map(|d| d.join(path)).unwrap_or_else(|_| path.to_path_buf())
+        std::env::current_dir()
+            .map(|d| d.join(path))
+            .unwrap_or_else(|_| path.to_path_buf())
     };
     if let Some(p) = abs.parent() {
         out.push(p.to_path_buf());
@@ -175,22 +191,31 @@ fn dirs_for(path: &Path) -> Vec<PathBuf> {
 
 /// Starts the watcher task. `refresh` is notified after a config reload
 /// changes the set of files; `poll_every` is the content-hash fallback.
-pub fn spawn_watcher(store: Arc<CertStore>, refresh: Arc<Notify>, poll_every: Duration, shutdown: CancellationToken) {
+pub fn spawn_watcher(
+    store: Arc<CertStore>,
+    refresh: Arc<Notify>,
+    poll_every: Duration,
+    shutdown: CancellationToken,
+) {
     tokio::spawn(async move {
         let (tx, mut rx) = mpsc::unbounded_channel::<PathBuf>();
-        let mut watcher = match notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
-            Ok(ev) if ev.need_rescan() => {
-                // The kernel queue overflowed: events were lost.
-                let _ = tx.send(PathBuf::new());
-            }
-            Ok(ev) if changes_files(&ev.kind) => {
-                for p in ev.paths {
-                    let _ = tx.send(p);
+        let mut watcher = match notify::recommended_watcher(
+            move |res: notify::Result<notify::Event>| match res {
+                Ok(ev) if ev.need_rescan() => {
+                    // The kernel queue overflowed: events were lost.
+                    let _ = tx.send(PathBuf::new());
                 }
-            }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "file watch error; the periodic check still runs"),
-        }) {
+                Ok(ev) if changes_files(&ev.kind) => {
+                    for p in ev.paths {
+                        let _ = tx.send(p);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "file watch error; the periodic check still runs")
+                }
+            },
+        ) {
             Ok(w) => Some(w),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot watch certificate files; relying on the periodic check");
@@ -269,7 +294,11 @@ fn changes_files(kind: &notify::EventKind) -> bool {
     match kind {
         EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
         EventKind::Access(_) => false,
-        EventKind::Any | EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_) | EventKind::Other => true,
+        EventKind::Any
+        | EventKind::Create(_)
+        | EventKind::Modify(_)
+        | EventKind::Remove(_)
+        | EventKind::Other => true,
     }
 }
 
@@ -316,8 +345,12 @@ fn rewatch(
         }
     }
     let Some(w) = watcher else { return };
-    let wanted: HashMap<PathBuf, Option<DirId>> = index.keys().map(|d| (d.clone(), dir_id(d))).collect();
-    for (gone, _) in watched.iter().filter(|(d, id)| id.is_some() && !wanted.contains_key(*d)) {
+    let wanted: HashMap<PathBuf, Option<DirId>> =
+        index.keys().map(|d| (d.clone(), dir_id(d))).collect();
+    for (gone, _) in watched
+        .iter()
+        .filter(|(d, id)| id.is_some() && !wanted.contains_key(*d))
+    {
         let _ = w.unwatch(gone);
     }
     let mut now_watched = HashMap::with_capacity(wanted.len());
@@ -337,7 +370,9 @@ fn rewatch(
         // and the reload that follows calls this again.
         let ok = id.is_some()
             && w.watch(&d, RecursiveMode::NonRecursive)
-                .inspect_err(|e| tracing::debug!(dir = %d.display(), error = %e, "cannot watch directory"))
+                .inspect_err(
+                    |e| tracing::debug!(dir = %d.display(), error = %e, "cannot watch directory"),
+                )
                 .is_ok();
         // Only a watch in place is remembered, so a failed one is tried again.
         now_watched.insert(d, if ok { id } else { None });
@@ -347,23 +382,35 @@ fn rewatch(
 
 #[cfg(test)]
 mod tests {
-    use notify::event::{AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode};
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode,
+    };
     use notify::EventKind;
 
     use super::changes_files;
 
     #[test]
     fn reads_of_watched_files_are_not_changes() {
-        assert!(!changes_files(&EventKind::Access(AccessKind::Open(AccessMode::Any))));
-        assert!(!changes_files(&EventKind::Access(AccessKind::Close(AccessMode::Read))));
+        assert!(!changes_files(&EventKind::Access(AccessKind::Open(
+            AccessMode::Any
+        ))));
+        assert!(!changes_files(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
         assert!(!changes_files(&EventKind::Access(AccessKind::Read)));
     }
 
     #[test]
     fn writes_renames_and_removals_are_changes() {
-        assert!(changes_files(&EventKind::Access(AccessKind::Close(AccessMode::Write))));
-        assert!(changes_files(&EventKind::Modify(ModifyKind::Data(DataChange::Any))));
-        assert!(changes_files(&EventKind::Modify(ModifyKind::Name(RenameMode::To))));
+        assert!(changes_files(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(changes_files(&EventKind::Modify(ModifyKind::Data(
+            DataChange::Any
+        ))));
+        assert!(changes_files(&EventKind::Modify(ModifyKind::Name(
+            RenameMode::To
+        ))));
         assert!(changes_files(&EventKind::Create(CreateKind::File)));
         assert!(changes_files(&EventKind::Remove(RemoveKind::File)));
         assert!(changes_files(&EventKind::Other));

@@ -27,8 +27,8 @@ pub use acme::{
 };
 pub use duration::parse_duration;
 pub use upstream::{
-    server_name_of, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol, UpstreamTarget, UpstreamTls, MAX_RETRIES,
-    MAX_UPSTREAMS, MAX_WEIGHT, SYSTEM_ROOTS,
+    server_name_of, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol, UpstreamTarget,
+    UpstreamTls, MAX_RETRIES, MAX_UPSTREAMS, MAX_WEIGHT, SYSTEM_ROOTS,
 };
 
 /// A validated configuration.
@@ -113,11 +113,19 @@ impl Cidr {
         };
         match (self.addr, ip) {
             (IpAddr::V4(n), IpAddr::V4(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u32::MAX << (32 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u32::MAX << (32 - self.prefix)
+                };
                 u32::from(n) & mask == u32::from(a) & mask
             }
             (IpAddr::V6(n), IpAddr::V6(a)) => {
-                let mask = if self.prefix == 0 { 0 } else { u128::MAX << (128 - self.prefix) };
+                let mask = if self.prefix == 0 {
+                    0
+                } else {
+                    u128::MAX << (128 - self.prefix)
+                };
                 u128::from(n) & mask == u128::from(a) & mask
             }
             _ => false,

@@ -60,7 +60,9 @@ impl Ctx<'_> {
             start..table.end.min(text.len())
         } else {
             // From the line after the header to the next header.
-            let from = text[start..].find('\n').map_or(text.len(), |i| start + i + 1);
+            let from = text[start..]
+                .find('\n')
+                .map_or(text.len(), |i| start + i + 1);
             let mut to = text.len();
             let mut off = from;
             for line in text[from..].split_inclusive('\n') {
@@ -78,7 +80,8 @@ impl Ctx<'_> {
             let at = search + i;
             let before = hay[..at].chars().next_back();
             let after = hay[at + key.len()..].trim_start();
-            let word_start = before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+            let word_start =
+                before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
             if word_start && after.starts_with('=') && !after.starts_with("==") {
                 let abs = region.start + at;
                 return abs..abs + key.len();
@@ -88,7 +91,12 @@ impl Ctx<'_> {
         table.clone()
     }
 
-    fn duration(&mut self, v: &Option<Spanned<String>>, field: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        v: &Option<Spanned<String>>,
+        field: &str,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -103,7 +111,14 @@ impl Ctx<'_> {
         }
     }
 
-    fn count(&mut self, v: &Option<Spanned<i64>>, field: &str, min: i64, max: i64, default: usize) -> usize {
+    fn count(
+        &mut self,
+        v: &Option<Spanned<i64>>,
+        field: &str,
+        min: i64,
+        max: i64,
+        default: usize,
+    ) -> usize {
         let Some(v) = v else { return default };
         let n = *v.get_ref();
         if n < min || n > max {
@@ -138,7 +153,13 @@ pub(super) fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(config)
     } else {
         // In file order (checks run section by section); file-wide last.
-        cx.errors.sort_by_key(|e| if e.origin.line == 0 { usize::MAX } else { e.origin.line });
+        cx.errors.sort_by_key(|e| {
+            if e.origin.line == 0 {
+                usize::MAX
+            } else {
+                e.origin.line
+            }
+        });
         Err(ConfigErrors(cx.errors))
     }
 }
@@ -177,7 +198,11 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> (String, String) {
             );
         }
     }
-    let field = if base.is_empty() { "(top level)".to_string() } else { base.clone() };
+    let field = if base.is_empty() {
+        "(top level)".to_string()
+    } else {
+        base.clone()
+    };
     // serde: "invalid type: integer `443`, expected a string"
     if let Some(rest) = msg.strip_prefix("invalid type: ") {
         if let Some((found, expected)) = rest.split_once(", expected ") {
@@ -195,7 +220,10 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> (String, String) {
                 e if e.contains("sequence") => "a list",
                 e => e,
             };
-            return (field, format!("{found} is the wrong type, expected {expected}; {hint}"));
+            return (
+                field,
+                format!("{found} is the wrong type, expected {expected}; {hint}"),
+            );
         }
     }
     let hint = match msg.as_str() {
@@ -302,7 +330,11 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
 
     let state_dir = match &raw.state_dir {
         Some(s) if s.get_ref().trim().is_empty() => {
-            cx.err(&s.span(), "state_dir", "is empty; give a directory path such as \"/var/lib/portcullis\"");
+            cx.err(
+                &s.span(),
+                "state_dir",
+                "is empty; give a directory path such as \"/var/lib/portcullis\"",
+            );
             PathBuf::new()
         }
         Some(s) => resolve(s.get_ref()),
@@ -329,22 +361,60 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
     let d = Timeouts::default();
     let timeouts = Timeouts {
         tls_handshake: cx.duration(&t.tls_handshake, "timeouts.tls_handshake", d.tls_handshake),
-        request_header: cx.duration(&t.request_header, "timeouts.request_header", d.request_header),
+        request_header: cx.duration(
+            &t.request_header,
+            "timeouts.request_header",
+            d.request_header,
+        ),
         request_body: cx.duration(&t.request_body, "timeouts.request_body", d.request_body),
-        response_write: cx.duration(&t.response_write, "timeouts.response_write", d.response_write),
+        response_write: cx.duration(
+            &t.response_write,
+            "timeouts.response_write",
+            d.response_write,
+        ),
         idle: cx.duration(&t.idle, "timeouts.idle", d.idle),
-        upstream_connect: cx.duration(&t.upstream_connect, "timeouts.upstream_connect", d.upstream_connect),
-        upstream_response: cx.duration(&t.upstream_response, "timeouts.upstream_response", d.upstream_response),
+        upstream_connect: cx.duration(
+            &t.upstream_connect,
+            "timeouts.upstream_connect",
+            d.upstream_connect,
+        ),
+        upstream_response: cx.duration(
+            &t.upstream_response,
+            "timeouts.upstream_response",
+            d.upstream_response,
+        ),
         upstream_idle: cx.duration(&t.upstream_idle, "timeouts.upstream_idle", d.upstream_idle),
-        shutdown_grace: cx.duration(&t.shutdown_grace, "timeouts.shutdown_grace", d.shutdown_grace),
+        shutdown_grace: cx.duration(
+            &t.shutdown_grace,
+            "timeouts.shutdown_grace",
+            d.shutdown_grace,
+        ),
     };
 
     let l = raw.limits.unwrap_or_default();
     let dl = Limits::default();
     let limits = Limits {
-        max_header_bytes: cx.count(&l.max_header_bytes, "limits.max_header_bytes", 8192, 1 << 24, dl.max_header_bytes),
-        max_headers: cx.count(&l.max_headers, "limits.max_headers", 1, 10_000, dl.max_headers),
-        max_connections: cx.count(&l.max_connections, "limits.max_connections", 1, 10_000_000, dl.max_connections),
+        max_header_bytes: cx.count(
+            &l.max_header_bytes,
+            "limits.max_header_bytes",
+            8192,
+            1 << 24,
+            dl.max_header_bytes,
+        ),
+        max_headers: cx.count(
+            &l.max_headers,
+            "limits.max_headers",
+            1,
+            10_000,
+            dl.max_headers,
+        ),
+        max_connections: cx.count(
+            &l.max_connections,
+            "limits.max_connections",
+            1,
+            10_000_000,
+            dl.max_connections,
+        ),
         max_upstream_idle_per_host: cx.count(
             &l.max_upstream_idle_per_host,
             "limits.max_upstream_idle_per_host",
@@ -355,7 +425,9 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
     };
 
     let cert_poll_interval = cx.duration(
-        &raw.certificates.as_ref().and_then(|c| c.poll_interval.clone()),
+        &raw.certificates
+            .as_ref()
+            .and_then(|c| c.poll_interval.clone()),
         "certificates.poll_interval",
         Duration::from_secs(60),
     );
@@ -371,10 +443,12 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
 
     // A listener declared https but with a bad address is reported on its
     // own; only a file that declares none gets this error.
-    let declared_https = raw
-        .listeners
-        .iter()
-        .any(|l| l.get_ref().protocol.as_ref().is_none_or(|p| p.get_ref() == "https"));
+    let declared_https = raw.listeners.iter().any(|l| {
+        l.get_ref()
+            .protocol
+            .as_ref()
+            .is_none_or(|p| p.get_ref() == "https")
+    });
     if !declared_https && !raw.sites.is_empty() {
         // About the whole file, not a line of it.
         cx.errors.push(ConfigError {
@@ -400,7 +474,10 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
     }
 }
 
-fn build_rate_limit_settings(cx: &mut Ctx<'_>, raw: Option<&RawRateLimitGlobal>) -> RateLimitSettings {
+fn build_rate_limit_settings(
+    cx: &mut Ctx<'_>,
+    raw: Option<&RawRateLimitGlobal>,
+) -> RateLimitSettings {
     let d = RateLimitSettings::default();
     let Some(raw) = raw else { return d };
     let mut trusted = Vec::new();
@@ -416,8 +493,18 @@ fn build_rate_limit_settings(cx: &mut Ctx<'_>, raw: Option<&RawRateLimitGlobal>)
     }
     RateLimitSettings {
         trusted_proxies: trusted,
-        max_keys: cx.count(&raw.max_keys, "rate_limit.max_keys", 1, 100_000_000, d.max_keys),
-        purge_interval: cx.duration(&raw.purge_interval, "rate_limit.purge_interval", d.purge_interval),
+        max_keys: cx.count(
+            &raw.max_keys,
+            "rate_limit.max_keys",
+            1,
+            100_000_000,
+            d.max_keys,
+        ),
+        purge_interval: cx.duration(
+            &raw.purge_interval,
+            "rate_limit.purge_interval",
+            d.purge_interval,
+        ),
         body: raw.body.clone().unwrap_or(d.body),
     }
 }
@@ -438,10 +525,20 @@ fn build_limits(cx: &mut Ctx<'_>, raw: &[Spanned<RawLimit>], prefix: &str) -> Ve
         };
         let burst = match &l.burst {
             None => count,
-            Some(b) => match u32::try_from(*b.get_ref()).ok().and_then(std::num::NonZeroU32::new) {
+            Some(b) => match u32::try_from(*b.get_ref())
+                .ok()
+                .and_then(std::num::NonZeroU32::new)
+            {
                 Some(b) => b,
                 None => {
-                    cx.err(&b.span(), &format!("{field}.burst"), format!("{} is not a valid burst; use a whole number from 1", b.get_ref()));
+                    cx.err(
+                        &b.span(),
+                        &format!("{field}.burst"),
+                        format!(
+                            "{} is not a valid burst; use a whole number from 1",
+                            b.get_ref()
+                        ),
+                    );
                     continue;
                 }
             },
@@ -449,7 +546,10 @@ fn build_limits(cx: &mut Ctx<'_>, raw: &[Spanned<RawLimit>], prefix: &str) -> Ve
         let key = match l.key.as_ref().map(|k| (k.get_ref().as_str(), k.span())) {
             None | Some(("ip", _)) => LimitKey::ClientIp,
             Some(("route", _)) => LimitKey::Route,
-            Some((other, span)) => match other.strip_prefix("header:").map(|h| http::HeaderName::from_bytes(h.trim().as_bytes())) {
+            Some((other, span)) => match other
+                .strip_prefix("header:")
+                .map(|h| http::HeaderName::from_bytes(h.trim().as_bytes()))
+            {
                 Some(Ok(h)) => LimitKey::Header(h),
                 _ => {
                     cx.err(&span, &format!("{field}.key"), format!("\"{other}\" is not a key; use \"ip\", \"route\" or \"header:NAME\" (e.g. \"header:x-api-key\")"));
@@ -461,14 +561,25 @@ fn build_limits(cx: &mut Ctx<'_>, raw: &[Spanned<RawLimit>], prefix: &str) -> Ve
             None | Some(("enforce", _)) => false,
             Some(("shadow", _)) => true,
             Some((other, span)) => {
-                cx.err(&span, &format!("{field}.mode"), format!("\"{other}\" is not a mode; use \"enforce\" or \"shadow\""));
+                cx.err(
+                    &span,
+                    &format!("{field}.mode"),
+                    format!("\"{other}\" is not a mode; use \"enforce\" or \"shadow\""),
+                );
                 continue;
             }
         };
         let name = match &l.name {
             Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
             Some(n) => {
-                cx.err(&n.span(), &format!("{field}.name"), format!("\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'", n.get_ref()));
+                cx.err(
+                    &n.span(),
+                    &format!("{field}.name"),
+                    format!(
+                        "\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'",
+                        n.get_ref()
+                    ),
+                );
                 continue;
             }
             None => match &key {
@@ -479,10 +590,23 @@ fn build_limits(cx: &mut Ctx<'_>, raw: &[Spanned<RawLimit>], prefix: &str) -> Ve
         };
         if !names.insert(name.clone()) {
             let span = l.name.as_ref().map(|n| n.span()).unwrap_or(l.rate.span());
-            cx.err(&span, &format!("{field}.name"), format!("\"{name}\" is already a limit of this route; give each limit its own name"));
+            cx.err(
+                &span,
+                &format!("{field}.name"),
+                format!(
+                    "\"{name}\" is already a limit of this route; give each limit its own name"
+                ),
+            );
             continue;
         }
-        out.push(RateLimitConfig { name, count, per, burst, key, shadow });
+        out.push(RateLimitConfig {
+            name,
+            count,
+            per,
+            burst,
+            key,
+            shadow,
+        });
     }
     out
 }
@@ -535,12 +659,20 @@ fn build_listeners(cx: &mut Ctx<'_>, raw: &[Spanned<RawListener>]) -> Vec<Listen
             Some(p) => match u16::try_from(*p.get_ref()) {
                 Ok(p) if p != 0 => Some(p),
                 _ => {
-                    cx.err(&p.span(), &format!("listeners[{i}].https_port"), "must be a port from 1 to 65535");
+                    cx.err(
+                        &p.span(),
+                        &format!("listeners[{i}].https_port"),
+                        "must be a port from 1 to 65535",
+                    );
                     None
                 }
             },
         };
-        let protocol = match l.protocol.as_ref().map(|p| (p.get_ref().as_str(), p.span())) {
+        let protocol = match l
+            .protocol
+            .as_ref()
+            .map(|p| (p.get_ref().as_str(), p.span()))
+        {
             None | Some(("https", _)) => {
                 if let Some(p) = &l.https_port {
                     cx.err(
@@ -611,7 +743,10 @@ fn build_sites(
                 cx.err(
                     &n.span(),
                     &format!("sites[{i}].name"),
-                    format!("\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'", n.get_ref()),
+                    format!(
+                        "\"{}\" is not a valid name; use letters, digits, '.', '-' and '_'",
+                        n.get_ref()
+                    ),
                 );
                 None
             }
@@ -631,7 +766,11 @@ fn build_sites(
         if let Some(n) = &name {
             if let Some(&(prev, prev_explicit)) = names.get(n) {
                 if explicit {
-                    let taken = if prev_explicit { "" } else { " (taken from its first host)" };
+                    let taken = if prev_explicit {
+                        ""
+                    } else {
+                        " (taken from its first host)"
+                    };
                     cx.err(
                         &s.name.as_ref().unwrap().span(),
                         &format!("sites[{i}].name"),
@@ -673,11 +812,19 @@ fn build_sites(
         for (j, r) in s.routes.iter().enumerate() {
             if let Some(route) = build_route(cx, r, i, j, resolve) {
                 if !paths.insert(route.path.clone()) {
-                    let span = r.get_ref().path.as_ref().map(|p| p.span()).unwrap_or(r.span());
+                    let span = r
+                        .get_ref()
+                        .path
+                        .as_ref()
+                        .map(|p| p.span())
+                        .unwrap_or(r.span());
                     cx.err(
                         &span,
                         &format!("sites[{i}].routes[{j}].path"),
-                        format!("\"{}\" is already routed in this site; merge the two routes", route.path),
+                        format!(
+                            "\"{}\" is already routed in this site; merge the two routes",
+                            route.path
+                        ),
                     );
                 }
                 routes.push(route);
@@ -706,7 +853,8 @@ fn build_sites(
 fn valid_name(n: &str) -> bool {
     !n.is_empty()
         && n.len() <= 128
-        && n.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
 /// Validates a host name or `*.suffix` wildcard.
@@ -721,7 +869,9 @@ pub(crate) fn parse_host(h: &str) -> Result<HostPattern, String> {
         && name.split('.').all(|label| {
             !label.is_empty()
                 && label.len() <= 63
-                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
@@ -732,7 +882,9 @@ pub(crate) fn parse_host(h: &str) -> Result<HostPattern, String> {
     }
     if wild {
         if !name.contains('.') {
-            return Err(format!("\"{h}\" is too broad; a wildcard needs at least two labels after \"*.\""));
+            return Err(format!(
+                "\"{h}\" is too broad; a wildcard needs at least two labels after \"*.\""
+            ));
         }
         Ok(HostPattern::Wildcard(name.to_string()))
     } else {
@@ -750,7 +902,8 @@ fn parse_tls(
     listeners: &[ListenerConfig],
 ) -> TlsSource {
     let field = format!("sites[{i}].tls");
-    let hint = "write tls = \"internal\" or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
+    let hint =
+        "write tls = \"internal\" or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
     let any_hint = "write tls = \"internal\", tls = \"acme\", tls = { acme = { ... } } or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
     let acme = |cx: &mut Ctx<'_>, table: Option<&toml::Table>| {
         let origin = cx.origin(&v.span(), &field);
@@ -767,7 +920,11 @@ fn parse_tls(
         toml::Value::String(s) if s == "internal" => TlsSource::Internal,
         toml::Value::String(s) if s == "acme" => acme(cx, None),
         toml::Value::String(s) => {
-            cx.err(&v.span(), &field, format!("\"{s}\" is not a certificate source; {any_hint}"));
+            cx.err(
+                &v.span(),
+                &field,
+                format!("\"{s}\" is not a certificate source; {any_hint}"),
+            );
             TlsSource::Internal
         }
         toml::Value::Table(t) if t.contains_key("acme") => {
@@ -798,7 +955,11 @@ fn parse_tls(
                     ("cert", toml::Value::String(s)) => cert = Some(resolve(s)),
                     ("key", toml::Value::String(s)) => key = Some(resolve(s)),
                     ("cert" | "key", _) => {
-                        cx.err(&v.span(), &format!("{field}.{k}"), "must be a file path string");
+                        cx.err(
+                            &v.span(),
+                            &format!("{field}.{k}"),
+                            "must be a file path string",
+                        );
                     }
                     (other, _) => {
                         cx.err(
@@ -816,11 +977,19 @@ fn parse_tls(
                     origin: cx.origin(&v.span(), &field),
                 },
                 (None, _) => {
-                    cx.err(&v.span(), &format!("{field}.cert"), format!("is missing; {hint}"));
+                    cx.err(
+                        &v.span(),
+                        &format!("{field}.cert"),
+                        format!("is missing; {hint}"),
+                    );
                     TlsSource::Internal
                 }
                 (_, None) => {
-                    cx.err(&v.span(), &format!("{field}.key"), format!("is missing; {hint}"));
+                    cx.err(
+                        &v.span(),
+                        &format!("{field}.key"),
+                        format!("is missing; {hint}"),
+                    );
                     TlsSource::Internal
                 }
             }
@@ -848,7 +1017,10 @@ fn build_route(
             cx.err(
                 &p.span(),
                 &format!("{prefix}.path"),
-                format!("\"{}\" is not a path prefix; it must start with \"/\" and hold no query", p.get_ref()),
+                format!(
+                    "\"{}\" is not a path prefix; it must start with \"/\" and hold no query",
+                    p.get_ref()
+                ),
             );
             return None;
         }
@@ -889,13 +1061,19 @@ fn build_route(
         let resp = resp.get_ref();
         let status = match &resp.status {
             None => StatusCode::OK,
-            Some(s) => match u16::try_from(*s.get_ref()).ok().and_then(|c| StatusCode::from_u16(c).ok()) {
+            Some(s) => match u16::try_from(*s.get_ref())
+                .ok()
+                .and_then(|c| StatusCode::from_u16(c).ok())
+            {
                 Some(c) if c.as_u16() >= 200 => c,
                 _ => {
                     cx.err(
                         &s.span(),
                         &format!("{prefix}.respond.status"),
-                        format!("{} is not a valid status; use a code from 200 to 599", s.get_ref()),
+                        format!(
+                            "{} is not a valid status; use a code from 200 to 599",
+                            s.get_ref()
+                        ),
                     );
                     return None;
                 }
@@ -941,5 +1119,9 @@ fn build_route(
         }
     };
     let limits = build_limits(cx, &r.rate_limits, &prefix);
-    Some(RouteConfig { path, action, limits })
+    Some(RouteConfig {
+        path,
+        action,
+        limits,
+    })
 }

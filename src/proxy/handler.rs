@@ -13,13 +13,13 @@ use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
 use super::body::{ResponseBody, TrackedBody};
-use super::ratelimit::{self, Decision, Limiter};
-use super::{Route, Site};
-use crate::metrics::{method_label, status_class, Metrics};
 use super::headers::{self, Reject};
 use super::io::ConnShared;
+use super::ratelimit::{self, Decision, Limiter};
+use super::{Route, Site};
 use super::{Runtime, Snapshot};
 use crate::config::{LimitKey, RouteAction};
+use crate::metrics::{method_label, status_class, Metrics};
 
 /// Per-connection context shared by its requests.
 pub struct ConnCtx {
@@ -49,7 +49,10 @@ struct Access {
 }
 
 /// Serves one request; never fails (errors become responses).
-pub async fn handle(ctx: Arc<ConnCtx>, req: Request<Incoming>) -> Result<Response<TrackedBody>, Infallible> {
+pub async fn handle(
+    ctx: Arc<ConnCtx>,
+    req: Request<Incoming>,
+) -> Result<Response<TrackedBody>, Infallible> {
     let index = ctx.shared.requests.fetch_add(1, Ordering::AcqRel);
     let in_flight = InFlight::start(ctx.clone());
     let mut access = Access {
@@ -106,7 +109,9 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.rt.metrics.in_flight.dec();
         let shared = &self.0.shared;
-        shared.last_done_ms.store(self.0.rt.now_ms(), Ordering::Release);
+        shared
+            .last_done_ms
+            .store(self.0.rt.now_ms(), Ordering::Release);
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
@@ -147,16 +152,29 @@ fn check_limits(
     // it spends from a limit the whole route shares, so one client cannot
     // drain everyone's budget with requests that are refused anyway.
     let shared = |l: &&Arc<Limiter>| l.config.key == LimitKey::Route;
-    let ordered = route.limits.iter().filter(|l| !shared(l)).chain(route.limits.iter().filter(shared));
+    let ordered = route
+        .limits
+        .iter()
+        .filter(|l| !shared(l))
+        .chain(route.limits.iter().filter(shared));
     for lim in ordered {
         let d = lim.check(lim.key(client, headers));
         match d {
             Decision::Deny { retry_after } => {
-                let mode = if lim.config.shadow { "shadow" } else { "enforce" };
+                let mode = if lim.config.shadow {
+                    "shadow"
+                } else {
+                    "enforce"
+                };
                 ctx.rt
                     .metrics
                     .ratelimit_limited
-                    .with_label_values(&[&*site.name, route.prefix.as_str(), lim.config.name.as_str(), mode])
+                    .with_label_values(&[
+                        &*site.name,
+                        route.prefix.as_str(),
+                        lim.config.name.as_str(),
+                        mode,
+                    ])
                     .inc();
                 if lim.config.shadow {
                     tracing::info!(site = %site.name, route = %route.prefix, limit = %lim.config.name, %client, "rate limit exceeded (shadow mode: allowed)");
@@ -166,10 +184,16 @@ fn check_limits(
                 let mut r = Response::new(ResponseBody::full(snap.limited_body.clone()));
                 *r.status_mut() = StatusCode::TOO_MANY_REQUESTS;
                 let h = r.headers_mut();
-                h.insert(header::RETRY_AFTER, HeaderValue::from(ratelimit::retry_secs(retry_after)));
+                h.insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(ratelimit::retry_secs(retry_after)),
+                );
                 h.insert(RATELIMIT_POLICY, lim.policy_header().clone());
                 h.insert(RATELIMIT, lim.state_header(&d));
-                h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+                h.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("text/plain; charset=utf-8"),
+                );
                 return Err(Box::new(r));
             }
             Decision::Allow { remaining } if !lim.config.shadow => {
@@ -186,7 +210,12 @@ fn check_limits(
 const RATELIMIT_POLICY: header::HeaderName = header::HeaderName::from_static("ratelimit-policy");
 const RATELIMIT: header::HeaderName = header::HeaderName::from_static("ratelimit");
 
-async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: &mut Access) -> Plain {
+async fn route_plain(
+    ctx: &ConnCtx,
+    req: Request<Incoming>,
+    index: u64,
+    access: &mut Access,
+) -> Plain {
     if ctx.shared.first_bad_head.load(Ordering::Acquire) == index {
         return bad_request(Reject::LengthAndEncoding);
     }
@@ -203,7 +232,10 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
     }
     let snap = ctx.rt.snapshot.load_full();
     let Some(site) = snap.sites.lookup(host.as_deref()).cloned() else {
-        return short(StatusCode::MISDIRECTED_REQUEST, "no site is configured for this host\n");
+        return short(
+            StatusCode::MISDIRECTED_REQUEST,
+            "no site is configured for this host\n",
+        );
     };
     let Some(route_index) = site.route_index(req.uri().path()) else {
         return short(StatusCode::NOT_FOUND, "not found\n");
@@ -248,7 +280,8 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
             let Some(group) = &route.upstream else {
                 return short(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
             };
-            let out = super::upstream::forward::forward(&ctx.rt, ctx.peer.ip(), &snap, group, req).await;
+            let out =
+                super::upstream::forward::forward(&ctx.rt, ctx.peer.ip(), &snap, group, req).await;
             access.upstream = out.upstream.map(|u| u.to_string());
             access.upstream_in_flight = out.in_flight;
             out.resp
@@ -264,8 +297,10 @@ async fn route_plain(ctx: &ConnCtx, req: Request<Incoming>, index: u64, access: 
 fn short(status: StatusCode, msg: &'static str) -> Plain {
     let mut r = Response::new(ResponseBody::full(Bytes::from_static(msg.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 

@@ -39,7 +39,9 @@ impl Reject {
         match self {
             Reject::Host => "bad request: exactly one valid Host header is required\n",
             Reject::TransferEncoding => "bad request: unsupported or repeated Transfer-Encoding\n",
-            Reject::LengthAndEncoding => "bad request: Content-Length and Transfer-Encoding together\n",
+            Reject::LengthAndEncoding => {
+                "bad request: Content-Length and Transfer-Encoding together\n"
+            }
             Reject::HeaderBytes => "bad request: invalid characters in a header value\n",
             Reject::DotSegment => "bad request: \".\" and \"..\" path segments are not allowed\n",
         }
@@ -108,7 +110,9 @@ pub fn check_path(path: &str) -> Result<(), Reject> {
     for seg in path.split('/') {
         let bad = match seg.len() {
             1 | 3 => dot(seg),
-            2 | 4 | 6 => (1..seg.len()).any(|i| seg.is_char_boundary(i) && dot(&seg[..i]) && dot(&seg[i..])),
+            2 | 4 | 6 => {
+                (1..seg.len()).any(|i| seg.is_char_boundary(i) && dot(&seg[..i]) && dot(&seg[i..]))
+            }
             _ => false,
         };
         if bad {
@@ -160,7 +164,12 @@ pub fn is_upgrade<B>(req: &Request<B>) -> bool {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
-            .any(|p| p.trim().split('/').next().is_some_and(|name| name.eq_ignore_ascii_case("websocket")))
+            .any(|p| {
+                p.trim()
+                    .split('/')
+                    .next()
+                    .is_some_and(|name| name.eq_ignore_ascii_case("websocket"))
+            })
 }
 
 fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -192,7 +201,12 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Adds `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Via`.
-pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&HeaderValue>, version: Version) {
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    client: IpAddr,
+    host: Option<&HeaderValue>,
+    version: Version,
+) {
     let xff = HeaderName::from_static("x-forwarded-for");
     // Every existing line, in order (a client or an earlier proxy may have
     // sent several), then the client's address.
@@ -208,7 +222,10 @@ pub fn add_forwarded(headers: &mut HeaderMap, client: IpAddr, host: Option<&Head
     if let Ok(v) = HeaderValue::try_from(value) {
         headers.insert(xff, v);
     }
-    headers.insert(HeaderName::from_static("x-forwarded-proto"), HeaderValue::from_static("https"));
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        HeaderValue::from_static("https"),
+    );
     if let Some(h) = host {
         headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
     }
@@ -236,10 +253,26 @@ mod tests {
 
     #[test]
     fn dot_segments_are_refused_plain_or_encoded() {
-        for bad in ["/api/../admin", "/..", "/a/./b", "/a/%2e%2E/b", "/a/.%2e", "/%2e/x", "/a/.."] {
+        for bad in [
+            "/api/../admin",
+            "/..",
+            "/a/./b",
+            "/a/%2e%2E/b",
+            "/a/.%2e",
+            "/%2e/x",
+            "/a/..",
+        ] {
             assert_eq!(check_path(bad), Err(Reject::DotSegment), "{bad}");
         }
-        for ok in ["/", "/a/b", "/.well-known/acme", "/a/...", "/a/..b", "/%2e%2e%2e", "/a.b/c"] {
+        for ok in [
+            "/",
+            "/a/b",
+            "/.well-known/acme",
+            "/a/...",
+            "/a/..b",
+            "/%2e%2e%2e",
+            "/a.b/c",
+        ] {
             assert_eq!(check_path(ok), Ok(()), "{ok}");
         }
     }
@@ -247,7 +280,10 @@ mod tests {
     #[test]
     fn hop_by_hop_and_connection_named_headers_go() {
         let mut h = HeaderMap::new();
-        h.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
         h.insert("x-secret", HeaderValue::from_static("1"));
         h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         h.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -259,14 +295,18 @@ mod tests {
 
     #[test]
     fn rejects_ambiguous_framing_and_hosts() {
-        let req = |f: &dyn Fn(http::request::Builder) -> http::request::Builder| f(Request::builder()).body(()).unwrap();
+        let req = |f: &dyn Fn(http::request::Builder) -> http::request::Builder| {
+            f(Request::builder()).body(()).unwrap()
+        };
         assert_eq!(check_request(&req(&|b| b)), Err(Reject::Host));
         assert_eq!(
             check_request(&req(&|b| b.header("host", "a").header("host", "b"))),
             Err(Reject::Host)
         );
         assert_eq!(
-            check_request(&req(&|b| b.header("host", "a").header("transfer-encoding", "gzip, chunked"))),
+            check_request(&req(&|b| b
+                .header("host", "a")
+                .header("transfer-encoding", "gzip, chunked"))),
             Err(Reject::TransferEncoding)
         );
         assert_eq!(
@@ -276,6 +316,9 @@ mod tests {
                 .header("content-length", "3"))),
             Err(Reject::LengthAndEncoding)
         );
-        assert_eq!(check_request(&req(&|b| b.header("host", "a.test:1"))), Ok(Some("a.test")));
+        assert_eq!(
+            check_request(&req(&|b| b.header("host", "a.test:1"))),
+            Ok(Some("a.test"))
+        );
     }
 }

@@ -51,7 +51,11 @@ pub struct ConnIo<S> {
 
 impl<S> ConnIo<S> {
     /// Wraps `inner`; `scan_h1` turns on the head scanner.
-    pub fn new(inner: S, write_timeout: Duration, scan_h1: Option<(Arc<ConnShared>, usize)>) -> Self {
+    pub fn new(
+        inner: S,
+        write_timeout: Duration,
+        scan_h1: Option<(Arc<ConnShared>, usize)>,
+    ) -> Self {
         ConnIo {
             inner,
             write_timeout,
@@ -67,7 +71,11 @@ impl<S> ConnIo<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
@@ -115,7 +123,11 @@ impl<S: AsyncWrite + Unpin> ConnIo<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         self.get_mut().timed(cx, |s, cx| s.poll_write(cx, buf))
     }
 
@@ -124,7 +136,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.get_mut().timed(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+        self.get_mut()
+            .timed(cx, |s, cx| s.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -187,7 +200,10 @@ impl HeadScanner {
                 ScanState::Head => {
                     if self.buf.is_empty() {
                         // Stray CRLFs between requests are allowed.
-                        let skip = data.iter().take_while(|b| **b == b'\r' || **b == b'\n').count();
+                        let skip = data
+                            .iter()
+                            .take_while(|b| **b == b'\r' || **b == b'\n')
+                            .count();
                         data = &data[skip..];
                         if data.is_empty() {
                             return;
@@ -216,18 +232,30 @@ impl HeadScanner {
                 ScanState::Body(n) => {
                     let take = (data.len() as u64).min(n);
                     data = &data[take as usize..];
-                    self.state = if n == take { ScanState::Head } else { ScanState::Body(n - take) };
+                    self.state = if n == take {
+                        ScanState::Head
+                    } else {
+                        ScanState::Body(n - take)
+                    };
                 }
                 ScanState::ChunkData(n) => {
                     let take = (data.len() as u64).min(n);
                     data = &data[take as usize..];
-                    self.state = if n == take { ScanState::ChunkEnd(2) } else { ScanState::ChunkData(n - take) };
+                    self.state = if n == take {
+                        ScanState::ChunkEnd(2)
+                    } else {
+                        ScanState::ChunkData(n - take)
+                    };
                 }
                 ScanState::ChunkEnd(left) => {
                     let take = (left as usize).min(data.len());
                     data = &data[take..];
                     let left = left - take as u8;
-                    self.state = if left == 0 { ScanState::ChunkSize } else { ScanState::ChunkEnd(left) };
+                    self.state = if left == 0 {
+                        ScanState::ChunkSize
+                    } else {
+                        ScanState::ChunkEnd(left)
+                    };
                 }
                 ScanState::ChunkSize | ScanState::Trailers => {
                     let Some(nl) = data.iter().position(|b| *b == b'\n') else {
@@ -280,7 +308,9 @@ impl HeadScanner {
         for h in req.headers.iter() {
             if h.name.eq_ignore_ascii_case("content-length") {
                 cl = true;
-                len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<u64>().ok());
+                len = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok());
             } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
                 te = true;
                 chunked = h
@@ -293,10 +323,12 @@ impl HeadScanner {
             }
         }
         if cl && te {
-            let _ = self
-                .shared
-                .first_bad_head
-                .compare_exchange(u64::MAX, index, Ordering::AcqRel, Ordering::Acquire);
+            let _ = self.shared.first_bad_head.compare_exchange(
+                u64::MAX,
+                index,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
             // The connection is closed after the 400; nothing more to follow.
             self.state = ScanState::Done;
             return;
@@ -304,7 +336,11 @@ impl HeadScanner {
         if upgrade || req.method == Some("CONNECT") {
             self.state = ScanState::Done;
         } else if te {
-            self.state = if chunked { ScanState::ChunkSize } else { ScanState::Done };
+            self.state = if chunked {
+                ScanState::ChunkSize
+            } else {
+                ScanState::Done
+            };
         } else if cl {
             self.state = match len {
                 Some(0) => ScanState::Head,
@@ -327,8 +363,14 @@ fn trim_crlf(line: &[u8]) -> &[u8] {
 }
 
 fn trim(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|b| !b.is_ascii_whitespace()).unwrap_or(v.len());
-    let end = v.iter().rposition(|b| !b.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = v
+        .iter()
+        .position(|b| !b.is_ascii_whitespace())
+        .unwrap_or(v.len());
+    let end = v
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &v[start..end]
 }
 

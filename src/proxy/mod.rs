@@ -70,14 +70,18 @@ impl Site {
 
     /// Index of [`Site::route`]'s answer.
     pub fn route_index(&self, path: &str) -> Option<usize> {
-        self.routes.iter().position(|r| prefix_matches(&r.prefix, path))
+        self.routes
+            .iter()
+            .position(|r| prefix_matches(&r.prefix, path))
     }
 }
 
 /// `/api` matches `/api`, `/api/`, `/api/x`, not `/apix`; `/api/` matches `/api/x`.
 pub fn prefix_matches(prefix: &str, path: &str) -> bool {
     path.starts_with(prefix)
-        && (prefix.ends_with('/') || path.len() == prefix.len() || path.as_bytes()[prefix.len()] == b'/')
+        && (prefix.ends_with('/')
+            || path.len() == prefix.len()
+            || path.as_bytes()[prefix.len()] == b'/')
 }
 
 /// Everything a request needs that a config reload may change, swapped as one.
@@ -116,7 +120,8 @@ impl Snapshot {
                     .routes
                     .iter()
                     .map(|r| {
-                        let old_route = old_site.and_then(|o| o.routes.iter().find(|or| or.prefix == r.path));
+                        let old_route =
+                            old_site.and_then(|o| o.routes.iter().find(|or| or.prefix == r.path));
                         let limits = r
                             .limits
                             .iter()
@@ -124,7 +129,9 @@ impl Snapshot {
                                 old_route
                                     .and_then(|or| or.limits.iter().find(|l| l.config == *lc))
                                     .cloned()
-                                    .unwrap_or_else(|| Arc::new(ratelimit::Limiter::new(lc.clone(), max_keys)))
+                                    .unwrap_or_else(|| {
+                                        Arc::new(ratelimit::Limiter::new(lc.clone(), max_keys))
+                                    })
                             })
                             .collect();
                         let upstream = match &r.action {
@@ -228,7 +235,8 @@ impl Runtime {
     /// of the upstream groups that changed.
     pub fn publish(&self, snap: Snapshot) {
         self.snapshot.store(Arc::new(snap));
-        self.health.sync(self.snapshot.load().groups(), &self.shutdown);
+        self.health
+            .sync(self.snapshot.load().groups(), &self.shutdown);
     }
 
     fn now_ms(&self) -> u64 {
@@ -348,7 +356,14 @@ async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
     };
     let conn = conn.serve_connection_with_upgrades(TokioIo::new(io), svc);
     let conn = std::pin::pin!(conn);
-    drive(conn, |c| c.graceful_shutdown(), &rt, &shared_for_idle, snap.timeouts.idle).await;
+    drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        &rt,
+        &shared_for_idle,
+        snap.timeouts.idle,
+    )
+    .await;
 }
 
 /// Runs a connection until it ends, closing it when it has been idle too
@@ -410,4 +425,3 @@ pub(crate) async fn drive<F, E>(
         }
     }
 }
-

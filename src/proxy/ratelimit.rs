@@ -112,7 +112,9 @@ pub struct Limiter<C: Clock = QuantaClock> {
 
 impl<C: Clock> std::fmt::Debug for Limiter<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Limiter").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Limiter")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -175,7 +177,8 @@ impl<C: Clock + Clone> Limiter<C> {
     /// Checks (and on admission, spends) one request for `key`.
     pub fn check(&self, key: Key) -> Decision {
         if self.since_len.fetch_add(1, Ordering::Relaxed) % 1024 == 1023 {
-            self.full.store(self.keyed.len() >= self.max_keys, Ordering::Relaxed);
+            self.full
+                .store(self.keyed.len() >= self.max_keys, Ordering::Relaxed);
         }
         // Full table: clients already tracked keep their own bucket; new
         // ones share the overflow bucket (one extra lookup, only while full).
@@ -346,8 +349,8 @@ pub fn spawn_purger(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::num::NonZeroU32;
     use governor::clock::FakeRelativeClock;
+    use std::num::NonZeroU32;
 
     fn nz(n: u32) -> NonZeroU32 {
         NonZeroU32::new(n).unwrap()
@@ -373,7 +376,11 @@ mod tests {
         let clock = FakeRelativeClock::default();
         let l = Limiter::with_clock(cfg(10, Duration::from_secs(1), 5), 100, clock.clone());
         for i in 0..5 {
-            assert_eq!(l.check(ip(1)), Decision::Allow { remaining: 4 - i }, "request {i}");
+            assert_eq!(
+                l.check(ip(1)),
+                Decision::Allow { remaining: 4 - i },
+                "request {i}"
+            );
         }
         assert!(matches!(l.check(ip(1)), Decision::Deny { .. }));
         // Another client is independent.
@@ -456,17 +463,29 @@ mod tests {
     fn client_ip_honours_only_trusted_proxies() {
         let trusted = vec![Cidr::parse("10.0.0.0/8").unwrap()];
         let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9, 198.51.100.7, 10.1.1.1"));
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 198.51.100.7, 10.1.1.1"),
+        );
         let proxy: IpAddr = "10.0.0.2".parse().unwrap();
         let stranger: IpAddr = "192.0.2.50".parse().unwrap();
         // Right-most untrusted hop.
-        assert_eq!(client_ip(proxy, &h, &trusted), "198.51.100.7".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(proxy, &h, &trusted),
+            "198.51.100.7".parse::<IpAddr>().unwrap()
+        );
         // A spoofing client's header is ignored.
         assert_eq!(client_ip(stranger, &h, &trusted), stranger);
         // Forwarded header.
         let mut f = HeaderMap::new();
-        f.insert(header::FORWARDED, HeaderValue::from_static("for=\"[2001:db8::1]:4711\";proto=https"));
-        assert_eq!(client_ip(proxy, &f, &trusted), "2001:db8::1".parse::<IpAddr>().unwrap());
+        f.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("for=\"[2001:db8::1]:4711\";proto=https"),
+        );
+        assert_eq!(
+            client_ip(proxy, &f, &trusted),
+            "2001:db8::1".parse::<IpAddr>().unwrap()
+        );
         // Garbage in the chain: fall back to the peer.
         let mut g = HeaderMap::new();
         g.insert("x-forwarded-for", HeaderValue::from_static("nonsense"));
@@ -485,7 +504,12 @@ mod tests {
         };
         // The proxy appended the real address; anything the client put
         // before it (garbage, other addresses, ports) does not change it.
-        for spoof in ["nonsense, 198.51.100.7", "203.0.113.1, 198.51.100.7", "unknown,198.51.100.7, 10.9.9.9", ", 198.51.100.7"] {
+        for spoof in [
+            "nonsense, 198.51.100.7",
+            "203.0.113.1, 198.51.100.7",
+            "unknown,198.51.100.7, 10.9.9.9",
+            ", 198.51.100.7",
+        ] {
             assert_eq!(client_ip(proxy, &xff(spoof), &trusted), client, "{spoof}");
         }
         // Repeated header lines read as one list, right-most line last.
@@ -494,12 +518,21 @@ mod tests {
         h.append("x-forwarded-for", HeaderValue::from_static("198.51.100.7"));
         assert_eq!(client_ip(proxy, &h, &trusted), client);
         // Garbage before any untrusted hop: the nearest known address.
-        assert_eq!(client_ip(proxy, &xff("198.51.100.7, nonsense, 10.1.1.1"), &trusted), "10.1.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(proxy, &xff("198.51.100.7, nonsense, 10.1.1.1"), &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
         // Every hop trusted: the left-most one.
-        assert_eq!(client_ip(proxy, &xff("10.3.3.3, 10.1.1.1"), &trusted), "10.3.3.3".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(proxy, &xff("10.3.3.3, 10.1.1.1"), &trusted),
+            "10.3.3.3".parse::<IpAddr>().unwrap()
+        );
         // Forwarded, several elements: right-most untrusted `for=`.
         let mut f = HeaderMap::new();
-        f.insert(header::FORWARDED, HeaderValue::from_static("for=unknown, for=198.51.100.7;proto=https, for=10.1.1.1"));
+        f.insert(
+            header::FORWARDED,
+            HeaderValue::from_static("for=unknown, for=198.51.100.7;proto=https, for=10.1.1.1"),
+        );
         assert_eq!(client_ip(proxy, &f, &trusted), client);
     }
 

@@ -23,7 +23,12 @@ use super::io::{ConnIo, ConnShared};
 use super::{drive, Runtime};
 
 /// Accepts plain-HTTP connections until `stop` is cancelled.
-pub async fn serve_http(listener: TcpListener, rt: Arc<Runtime>, https_port: Option<u16>, stop: CancellationToken) {
+pub async fn serve_http(
+    listener: TcpListener,
+    rt: Arc<Runtime>,
+    https_port: Option<u16>,
+    stop: CancellationToken,
+) {
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
@@ -65,7 +70,14 @@ pub async fn serve_http(listener: TcpListener, rt: Arc<Runtime>, https_port: Opt
                 .max_buf_size(snap.limits.max_header_bytes.max(8192));
             let conn = builder.serve_connection(TokioIo::new(io), svc);
             let conn = std::pin::pin!(conn);
-            drive(conn, |c| c.graceful_shutdown(), &rt2, &shared, snap.timeouts.idle).await;
+            drive(
+                conn,
+                |c| c.graceful_shutdown(),
+                &rt2,
+                &shared,
+                snap.timeouts.idle,
+            )
+            .await;
         });
     }
 }
@@ -76,15 +88,25 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// The key authorization for an HTTP-01 token the ACME manager is proving
 /// right now; `None` (so the request gets the usual redirect) for anything
 /// else, including unknown tokens.
-pub fn acme_http01<B>(certs: &crate::certstore::CertStore, req: &Request<B>) -> Option<Response<TrackedBody>> {
+pub fn acme_http01<B>(
+    certs: &crate::certstore::CertStore,
+    req: &Request<B>,
+) -> Option<Response<TrackedBody>> {
     let token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)?;
-    if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) || token.is_empty() || token.contains('/') {
+    if !matches!(*req.method(), http::Method::GET | http::Method::HEAD)
+        || token.is_empty()
+        || token.contains('/')
+    {
         return None;
     }
     let key_auth = certs.challenges.http01(token)?;
-    let mut r = Response::new(TrackedBody::plain(ResponseBody::full(Bytes::from(key_auth))));
-    r.headers_mut()
-        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
+    let mut r = Response::new(TrackedBody::plain(ResponseBody::full(Bytes::from(
+        key_auth,
+    ))));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
     Some(r)
 }
 

@@ -98,11 +98,18 @@ pub async fn accept(
         let acme = hello
             .alpn()
             .is_some_and(|mut protos| protos.any(|p| p == ACME_TLS_ALPN))
-            .then(|| hello.server_name().and_then(|n| store.challenges.tls_alpn01(n)))
+            .then(|| {
+                hello
+                    .server_name()
+                    .and_then(|n| store.challenges.tls_alpn01(n))
+            })
             .flatten();
         if let Some(key) = acme {
             let cfg = acme_tls_config(key).map_err(|_| HandshakeFailure::Protocol)?;
-            let mut tls = start.into_stream(cfg).await.map_err(|_| HandshakeFailure::Io)?;
+            let mut tls = start
+                .into_stream(cfg)
+                .await
+                .map_err(|_| HandshakeFailure::Io)?;
             let _ = tls.shutdown().await;
             return Err(HandshakeFailure::AcmeChallenge);
         }
@@ -136,7 +143,10 @@ pub async fn accept(
 struct OneCert(Arc<rustls::sign::CertifiedKey>);
 
 impl rustls::server::ResolvesServerCert for OneCert {
-    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         Some(self.0.clone())
     }
 }
@@ -144,7 +154,9 @@ impl rustls::server::ResolvesServerCert for OneCert {
 /// A one-off config for a TLS-ALPN-01 validation handshake: only
 /// `acme-tls/1`, only the challenge certificate. Built per validation
 /// (a handful per order), never on the request path.
-fn acme_tls_config(key: Arc<rustls::sign::CertifiedKey>) -> Result<Arc<ServerConfig>, rustls::Error> {
+fn acme_tls_config(
+    key: Arc<rustls::sign::CertifiedKey>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
     let mut cfg = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
         .with_no_client_auth()

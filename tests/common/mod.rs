@@ -56,7 +56,11 @@ fn ca_params(cn: &str) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name.push(DnType::CommonName, cn);
     p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
     let now = time::OffsetDateTime::now_utc();
     p.not_before = now - time::Duration::days(1);
     p.not_after = now + time::Duration::days(3650);
@@ -87,7 +91,12 @@ impl Pki {
     /// A leaf for `names`, valid from yesterday for `days` days.
     pub fn leaf(&self, names: &[&str], alg: Alg) -> Leaf {
         let now = time::OffsetDateTime::now_utc();
-        self.leaf_with_dates(names, alg, now - time::Duration::days(1), now + time::Duration::days(90))
+        self.leaf_with_dates(
+            names,
+            alg,
+            now - time::Duration::days(1),
+            now + time::Duration::days(90),
+        )
     }
 
     /// A leaf with explicit validity dates.
@@ -100,7 +109,8 @@ impl Pki {
     ) -> Leaf {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(names.clone()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0].clone());
+        p.distinguished_name
+            .push(DnType::CommonName, names[0].clone());
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.use_authority_key_identifier_extension = true;
         p.not_before = not_before;
@@ -112,7 +122,10 @@ impl Pki {
         p.serial_number = Some(rcgen::SerialNumber::from_slice(&serial));
         let key = match alg {
             Alg::Ecdsa => KeyPair::generate().unwrap(),
-            Alg::Rsa => KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048).unwrap(),
+            Alg::Rsa => {
+                KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                    .unwrap()
+            }
         };
         let cert = p.signed_by(&key, &self.inter).unwrap();
         Leaf {
@@ -128,11 +141,13 @@ impl Pki {
     pub fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.root_der.clone()).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::aws_lc_rs::default_provider()))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
         cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
         Arc::new(cfg)
     }
@@ -143,7 +158,12 @@ fn rand_bytes<const N: usize>() -> [u8; N] {
     let mut out = [0u8; N];
     for chunk in out.chunks_mut(8) {
         let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u64(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64);
+        h.write_u64(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64,
+        );
         let v = h.finish().to_le_bytes();
         chunk.copy_from_slice(&v[..chunk.len()]);
     }
@@ -171,7 +191,11 @@ pub fn traditional_key(pkcs8_pem: &str) -> String {
         .arg(&input)
         .output()
         .expect("openssl is installed");
-    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -182,7 +206,9 @@ pub type Seen = BTreeMap<String, String>;
 pub async fn upstream<F, Fut>(f: F) -> (SocketAddr, CancellationToken)
 where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>> + Send + 'static,
+    Fut: Future<Output = Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>>
+        + Send
+        + 'static,
 {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -233,7 +259,12 @@ pub async fn echo_upstream() -> (SocketAddr, CancellationToken) {
                 })
                 .or_insert(v);
         }
-        let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
         seen.insert(":body-len".into(), body.len().to_string());
         Response::new(full(serde_json::to_vec(&seen).unwrap()))
     })
@@ -264,9 +295,12 @@ impl Proxy {
     pub async fn start_in(dir: tempfile::TempDir, toml: &str) -> Proxy {
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, toml).unwrap();
-        let config = portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
+        let config =
+            portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
         let shutdown = CancellationToken::new();
-        let server = portcullis::Server::bind(config, shutdown.clone()).await.unwrap();
+        let server = portcullis::Server::bind(config, shutdown.clone())
+            .await
+            .unwrap();
         let https = server.https_addrs()[0];
         let http = server.http_addrs().first().copied();
         let admin = server.admin_addr();
@@ -297,12 +331,16 @@ pub async fn tls_connect(
 ) -> std::io::Result<TlsStream<TcpStream>> {
     let tcp = TcpStream::connect(addr).await?;
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 /// The leaf certificate the server presented.
 pub fn peer_leaf(stream: &TlsStream<TcpStream>) -> CertificateDer<'static> {
-    stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    stream.get_ref().1.peer_certificates().unwrap()[0]
+        .clone()
+        .into_owned()
 }
 
 /// Serial (lower-case hex) of a DER certificate.
@@ -323,7 +361,8 @@ pub struct Got {
 impl Got {
     /// The echo upstream's JSON.
     pub fn seen(&self) -> Seen {
-        serde_json::from_slice(&self.body).unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|_| panic!("not echo JSON: {:?}", self.body))
     }
 }
 
@@ -338,7 +377,8 @@ pub async fn request(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
     let resp = if h2 {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         send.send_request(req).await?
     } else {
@@ -550,7 +590,10 @@ pub fn at_unix(secs: i64) -> time::OffsetDateTime {
 
 /// Now, in whole Unix seconds.
 pub fn unix_now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 impl Pki {
@@ -596,7 +639,8 @@ impl Pki {
     ) -> Leaf {
         let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
         let mut p = CertificateParams::new(names.clone()).unwrap();
-        p.distinguished_name.push(DnType::CommonName, names[0].clone());
+        p.distinguished_name
+            .push(DnType::CommonName, names[0].clone());
         p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         p.use_authority_key_identifier_extension = true;
         p.not_before = not_before;
@@ -635,7 +679,9 @@ pub async fn start_with_certs(
     std::fs::write(&path, toml).unwrap();
     let config = portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
     let shutdown = CancellationToken::new();
-    let server = portcullis::Server::bind(config, shutdown.clone()).await.unwrap();
+    let server = portcullis::Server::bind(config, shutdown.clone())
+        .await
+        .unwrap();
     let certs = server.certs();
     let https = server.https_addrs()[0];
     let http = server.http_addrs().first().copied();
@@ -675,7 +721,9 @@ pub async fn wait_cert_event(
 /// `GET path` on a plain-HTTP/1.1 endpoint (the admin API): status and body.
 pub async fn admin_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = Request::builder()
         .uri(path)
@@ -716,9 +764,24 @@ impl OnCall {
             (now - 30 * DAY, now - 2 * DAY),
         ];
         let dir = tempfile::tempdir().unwrap();
-        let normal = pki.leaf_with_dates(&["normal.test"], Alg::Ecdsa, at_unix(dates[0].0), at_unix(dates[0].1));
-        let soon = pki.leaf_with_dates(&["soon.test"], Alg::Rsa, at_unix(dates[1].0), at_unix(dates[1].1));
-        let expired = pki.leaf_with_dates(&["expired.test"], Alg::Ecdsa, at_unix(dates[2].0), at_unix(dates[2].1));
+        let normal = pki.leaf_with_dates(
+            &["normal.test"],
+            Alg::Ecdsa,
+            at_unix(dates[0].0),
+            at_unix(dates[0].1),
+        );
+        let soon = pki.leaf_with_dates(
+            &["soon.test"],
+            Alg::Rsa,
+            at_unix(dates[1].0),
+            at_unix(dates[1].1),
+        );
+        let expired = pki.leaf_with_dates(
+            &["expired.test"],
+            Alg::Ecdsa,
+            at_unix(dates[2].0),
+            at_unix(dates[2].1),
+        );
         normal.write(dir.path(), "normal-");
         soon.write(dir.path(), "soon-");
         expired.write(dir.path(), "expired-");
@@ -732,9 +795,18 @@ impl OnCall {
             )
         };
         let head = "[admin]\nlisten = \"127.0.0.1:0\"\n[certificates]\npoll_interval = \"1h\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n";
-        let toml = format!("{head}{}{}{}", site("normal", true), site("soon", false), site("expired", false));
+        let toml = format!(
+            "{head}{}{}{}",
+            site("normal", true),
+            site("soon", false),
+            site("expired", false)
+        );
         // The same config with only the 90-day certificate, for `--config`.
-        std::fs::write(dir.path().join("only-normal.toml"), format!("{head}{}", site("normal", true))).unwrap();
+        std::fs::write(
+            dir.path().join("only-normal.toml"),
+            format!("{head}{}", site("normal", true)),
+        )
+        .unwrap();
         let (proxy, certs) = start_with_certs(dir, &toml).await;
         wait_ready(&proxy).await;
         OnCall {
@@ -775,7 +847,10 @@ where
     S: AsRef<std::ffi::OsStr>,
 {
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_portcullis"));
-    cmd.args(args).env("RUST_LOG", "warn").stdin(std::process::Stdio::null()).kill_on_drop(true);
+    cmd.args(args)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
     for (k, v) in env {
         match v {
             Some(v) => cmd.env(k, v),
@@ -795,7 +870,9 @@ where
 
 /// RFC 3339 of Unix seconds, as the CLI prints dates.
 pub fn rfc3339_of(secs: i64) -> String {
-    at_unix(secs).format(&time::format_description::well_known::Rfc3339).unwrap()
+    at_unix(secs)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
 }
 
 // ---- rate limit tests: several clients from one host, admin POST ----
@@ -809,11 +886,17 @@ pub async fn tls_connect_from(
     sni: &str,
     cfg: Arc<rustls::ClientConfig>,
 ) -> std::io::Result<TlsStream<TcpStream>> {
-    let sock = if from.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let sock = if from.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     sock.bind(SocketAddr::new(from, 0))?;
     let tcp = sock.connect(addr).await?;
     let name = ServerName::try_from(sni.to_string()).unwrap();
-    tokio_rustls::TlsConnector::from(cfg).connect(name, tcp).await
+    tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await
 }
 
 /// Like [`request`], over a fresh connection from the local address `from`.
@@ -828,7 +911,8 @@ pub async fn request_from(
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
     let resp = if h2 {
-        let (mut send, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        let (mut send, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
         tokio::spawn(conn);
         send.send_request(req).await?
     } else {
@@ -852,7 +936,9 @@ pub async fn request_from(
 /// status and body.
 pub async fn admin_post(addr: SocketAddr, path: &str) -> (u16, String) {
     let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
     tokio::spawn(conn);
     let req = Request::builder()
         .method("POST")
@@ -895,10 +981,13 @@ pub fn full_handshake_config(pki: &Pki, alpn: &[&[u8]]) -> Arc<rustls::ClientCon
 
 /// The serial a full handshake for `sni` gets now (the chain is verified).
 pub async fn served_serial(addr: SocketAddr, sni: &str, pki: &Pki) -> String {
-    let tls = tokio::time::timeout(Duration::from_secs(10), tls_connect(addr, sni, full_handshake_config(pki, &[])))
-        .await
-        .unwrap_or_else(|_| panic!("handshake for {sni} timed out"))
-        .unwrap_or_else(|e| panic!("handshake for {sni}: {e}"));
+    let tls = tokio::time::timeout(
+        Duration::from_secs(10),
+        tls_connect(addr, sni, full_handshake_config(pki, &[])),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("handshake for {sni} timed out"))
+    .unwrap_or_else(|e| panic!("handshake for {sni}: {e}"));
     serial_of(&peer_leaf(&tls))
 }
 
@@ -991,7 +1080,11 @@ impl CertFiles {
             WritePattern::InPlace => {
                 for (path, data) in [(&cert, &leaf.chain_pem), (&key, &leaf.key_pem)] {
                     use std::io::Write;
-                    let mut f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).unwrap();
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .truncate(true)
+                        .open(path)
+                        .unwrap();
                     f.write_all(data.as_bytes()).unwrap();
                 }
             }
@@ -1012,7 +1105,8 @@ impl CertFiles {
                 // certbot's `_update_link_to`: unlink, then symlink (privkey before fullchain).
                 for (link, kind) in [(&key, "privkey"), (&cert, "fullchain")] {
                     let _ = std::fs::remove_file(link);
-                    std::os::unix::fs::symlink(format!("../../archive/site/{kind}{n}.pem"), link).unwrap();
+                    std::os::unix::fs::symlink(format!("../../archive/site/{kind}{n}.pem"), link)
+                        .unwrap();
                 }
             }
             WritePattern::Kubernetes => {
@@ -1055,10 +1149,14 @@ pub async fn wait_published(
     let wait = async {
         loop {
             match rx.recv().await {
-                Ok(CertEvent::Published { name: n, serial: s }) if n == name && s == serial => return Ok(()),
+                Ok(CertEvent::Published { name: n, serial: s }) if n == name && s == serial => {
+                    return Ok(())
+                }
                 Ok(CertEvent::Rejected { name: n, error }) if n == name => rejected.push(error),
                 Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => return Err(format!("lagged by {k} events")),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(k)) => {
+                    return Err(format!("lagged by {k} events"))
+                }
                 Err(e) => return Err(e.to_string()),
             }
         }
@@ -1066,6 +1164,8 @@ pub async fn wait_published(
     match tokio::time::timeout(limit, wait).await {
         Ok(Ok(())) => Ok(rejected),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("{serial} not published for {name} within {limit:?}; rejected on the way: {rejected:?}")),
+        Err(_) => Err(format!(
+            "{serial} not published for {name} within {limit:?}; rejected on the way: {rejected:?}"
+        )),
     }
 }

@@ -20,8 +20,9 @@ use toml::Spanned;
 use super::Ctx;
 use crate::config::raw::RawRoute;
 use crate::config::upstream::{
-    client_config, read_certs, server_name_of, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol, UpstreamTarget, UpstreamTls,
-    MAX_RETRIES, MAX_UPSTREAMS, MAX_WEIGHT, SYSTEM_ROOTS,
+    client_config, read_certs, server_name_of, HealthCheck, LbPolicy, PassiveHealth,
+    UpstreamProtocol, UpstreamTarget, UpstreamTls, MAX_RETRIES, MAX_UPSTREAMS, MAX_WEIGHT,
+    SYSTEM_ROOTS,
 };
 use crate::config::UpstreamConfig;
 
@@ -83,13 +84,20 @@ pub(super) fn build(
                 cx.err(
                     &v.span(),
                     &format!("{prefix}.retries"),
-                    format!("{} is out of range; use a value from 0 to {MAX_RETRIES}", v.get_ref()),
+                    format!(
+                        "{} is out of range; use a value from 0 to {MAX_RETRIES}",
+                        v.get_ref()
+                    ),
                 );
                 0
             }
         },
     };
-    let retry_budget = cx.duration(&r.retry_budget, &format!("{prefix}.retry_budget"), Duration::from_secs(10));
+    let retry_budget = cx.duration(
+        &r.retry_budget,
+        &format!("{prefix}.retry_budget"),
+        Duration::from_secs(10),
+    );
     let health_check = health_check(cx, r, prefix);
     let passive = passive(cx, r, prefix, targets.len());
     if cx.errors.len() > before || targets.is_empty() {
@@ -209,24 +217,38 @@ fn target(cx: &mut Ctx<'_>, v: &Spanned<toml::Value>, field: &str) -> Option<Ups
                         }
                     },
                     ("weight", toml::Value::Integer(w)) => {
-                        match u32::try_from(*w).ok().filter(|w| *w <= MAX_WEIGHT).and_then(NonZeroU32::new) {
+                        match u32::try_from(*w)
+                            .ok()
+                            .filter(|w| *w <= MAX_WEIGHT)
+                            .and_then(NonZeroU32::new)
+                        {
                             Some(w) => weight = w,
                             None => {
                                 cx.err(
                                     &v.span(),
                                     &format!("{field}.weight"),
-                                    format!("{w} is out of range; use a value from 1 to {MAX_WEIGHT}"),
+                                    format!(
+                                        "{w} is out of range; use a value from 1 to {MAX_WEIGHT}"
+                                    ),
                                 );
                                 ok = false;
                             }
                         }
                     }
                     ("url", _) => {
-                        cx.err(&v.span(), &format!("{field}.url"), "must be a string such as \"http://host:port\"");
+                        cx.err(
+                            &v.span(),
+                            &format!("{field}.url"),
+                            "must be a string such as \"http://host:port\"",
+                        );
                         ok = false;
                     }
                     ("weight", _) => {
-                        cx.err(&v.span(), &format!("{field}.weight"), "must be a whole number, without quotes");
+                        cx.err(
+                            &v.span(),
+                            &format!("{field}.weight"),
+                            "must be a whole number, without quotes",
+                        );
                         ok = false;
                     }
                     (other, _) => {
@@ -244,7 +266,11 @@ fn target(cx: &mut Ctx<'_>, v: &Spanned<toml::Value>, field: &str) -> Option<Ups
                 Some(_) => None,
                 None => {
                     if ok {
-                        cx.err(&v.span(), &format!("{field}.url"), format!("is missing; {hint}"));
+                        cx.err(
+                            &v.span(),
+                            &format!("{field}.url"),
+                            format!("is missing; {hint}"),
+                        );
                     }
                     None
                 }
@@ -264,14 +290,20 @@ pub(super) fn parse_url(s: &str) -> Result<Uri, String> {
     let scheme = match uri.scheme_str() {
         Some("http") => "http",
         Some("https") => "https",
-        Some(other) => return Err(format!("\"{s}\": scheme \"{other}\" is not supported; use http:// or https://")),
+        Some(other) => {
+            return Err(format!(
+                "\"{s}\": scheme \"{other}\" is not supported; use http:// or https://"
+            ))
+        }
         None => return Err(bad()),
     };
     let Some(auth) = uri.authority() else {
         return Err(bad());
     };
     if auth.as_str().contains('@') {
-        return Err(format!("\"{s}\": credentials in the URL are not supported; remove \"user@\""));
+        return Err(format!(
+            "\"{s}\": credentials in the URL are not supported; remove \"user@\""
+        ));
     }
     if auth.host().is_empty() {
         return Err(bad());
@@ -320,8 +352,15 @@ fn protocol(
             return UpstreamProtocol::Http1;
         }
     };
-    if let Some((_, _, f)) = targets.iter().find(|(t, _, _)| t.uri.scheme_str() == Some(wrong_scheme)) {
-        cx.err(&v.span(), &field, format!("{hint} ({f} is {wrong_scheme}://)"));
+    if let Some((_, _, f)) = targets
+        .iter()
+        .find(|(t, _, _)| t.uri.scheme_str() == Some(wrong_scheme))
+    {
+        cx.err(
+            &v.span(),
+            &field,
+            format!("{hint} ({f} is {wrong_scheme}://)"),
+        );
     }
     p
 }
@@ -359,7 +398,9 @@ fn tls(
     let (ca, system_roots) = match &r.ca {
         Some(c) => (resolve(c.get_ref()), false),
         None => (
-            std::env::var_os("SSL_CERT_FILE").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS)),
+            std::env::var_os("SSL_CERT_FILE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from(SYSTEM_ROOTS)),
             true,
         ),
     };
@@ -402,7 +443,10 @@ fn tls(
                     cx.err(
                         span,
                         field,
-                        format!("\"{}\" cannot be sent as a TLS server name; set tls_server_name", t.label()),
+                        format!(
+                            "\"{}\" cannot be sent as a TLS server name; set tls_server_name",
+                            t.label()
+                        ),
                     );
                     ok = false;
                 }
@@ -415,12 +459,20 @@ fn tls(
     let client = match (&r.client_cert, &r.client_key) {
         (None, None) => None,
         (Some(c), None) => {
-            cx.err(&c.span(), &format!("{prefix}.client_key"), "is missing; set client_cert and client_key together");
+            cx.err(
+                &c.span(),
+                &format!("{prefix}.client_key"),
+                "is missing; set client_cert and client_key together",
+            );
             ok = false;
             None
         }
         (None, Some(k)) => {
-            cx.err(&k.span(), &format!("{prefix}.client_cert"), "is missing; set client_cert and client_key together");
+            cx.err(
+                &k.span(),
+                &format!("{prefix}.client_cert"),
+                "is missing; set client_cert and client_key together",
+            );
             ok = false;
             None
         }
@@ -442,7 +494,10 @@ fn tls(
                         cx.err(
                             &k.span(),
                             &format!("{prefix}.client_key"),
-                            format!("cannot read a private key from \"{}\": {e}", key_path.display()),
+                            format!(
+                                "cannot read a private key from \"{}\": {e}",
+                                key_path.display()
+                            ),
                         );
                         None
                     }
@@ -479,9 +534,19 @@ fn tls(
         }),
         Err(e) => {
             match (client_span, &r.ca) {
-                (Some(span), _) if e.starts_with("client") => cx.err(&span, &format!("{prefix}.client_cert"), e),
-                (_, Some(c)) => cx.err(&c.span(), &format!("{prefix}.ca"), format!("\"{}\" {e}", ca.display())),
-                _ => cx.err(https_span, https_field, format!("the system CA bundle \"{}\" {e}", ca.display())),
+                (Some(span), _) if e.starts_with("client") => {
+                    cx.err(&span, &format!("{prefix}.client_cert"), e)
+                }
+                (_, Some(c)) => cx.err(
+                    &c.span(),
+                    &format!("{prefix}.ca"),
+                    format!("\"{}\" {e}", ca.display()),
+                ),
+                _ => cx.err(
+                    https_span,
+                    https_field,
+                    format!("the system CA bundle \"{}\" {e}", ca.display()),
+                ),
             }
             None
         }
@@ -497,28 +562,49 @@ fn health_check(cx: &mut Ctx<'_>, r: &RawRoute, prefix: &str) -> Option<HealthCh
         None => "/".to_string(),
         Some(v) => {
             let s = v.get_ref();
-            if !s.starts_with('/') || s.parse::<http::uri::PathAndQuery>().is_err() || s.contains('#') {
-                cx.err(&v.span(), &format!("{p}.path"), format!("\"{s}\" is not a path; write e.g. \"/healthz\""));
+            if !s.starts_with('/')
+                || s.parse::<http::uri::PathAndQuery>().is_err()
+                || s.contains('#')
+            {
+                cx.err(
+                    &v.span(),
+                    &format!("{p}.path"),
+                    format!("\"{s}\" is not a path; write e.g. \"/healthz\""),
+                );
             }
             s.clone()
         }
     };
     let status = match &h.status {
         None => None,
-        Some(v) => match u16::try_from(*v.get_ref()).ok().and_then(|c| http::StatusCode::from_u16(c).ok()) {
+        Some(v) => match u16::try_from(*v.get_ref())
+            .ok()
+            .and_then(|c| http::StatusCode::from_u16(c).ok())
+        {
             Some(c) if c.as_u16() >= 200 => Some(c),
             _ => {
                 cx.err(
                     &v.span(),
                     &format!("{p}.status"),
-                    format!("{} is not a valid status; use a code from 200 to 599", v.get_ref()),
+                    format!(
+                        "{} is not a valid status; use a code from 200 to 599",
+                        v.get_ref()
+                    ),
                 );
                 None
             }
         },
     };
-    let interval = cx.duration(&h.interval, &format!("{p}.interval"), Duration::from_secs(10));
-    let timeout = cx.duration(&h.timeout, &format!("{p}.timeout"), Duration::from_secs(2).min(interval));
+    let interval = cx.duration(
+        &h.interval,
+        &format!("{p}.interval"),
+        Duration::from_secs(10),
+    );
+    let timeout = cx.duration(
+        &h.timeout,
+        &format!("{p}.timeout"),
+        Duration::from_secs(2).min(interval),
+    );
     if timeout > interval {
         let s = h.timeout.as_ref().map_or(span.clone(), |t| t.span());
         cx.err(
@@ -527,10 +613,11 @@ fn health_check(cx: &mut Ctx<'_>, r: &RawRoute, prefix: &str) -> Option<HealthCh
             format!("{timeout:?} is longer than the interval ({interval:?}); make it shorter"),
         );
     }
-    let threshold = |cx: &mut Ctx<'_>, v: &Option<Spanned<i64>>, name: &str, default: u32| -> NonZeroU32 {
-        let n = cx.count(v, &format!("{p}.{name}"), 1, 100, default as usize) as u32;
-        NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
-    };
+    let threshold =
+        |cx: &mut Ctx<'_>, v: &Option<Spanned<i64>>, name: &str, default: u32| -> NonZeroU32 {
+            let n = cx.count(v, &format!("{p}.{name}"), 1, 100, default as usize) as u32;
+            NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN)
+        };
     let healthy_threshold = threshold(cx, &h.healthy_threshold, "healthy_threshold", 2);
     let unhealthy_threshold = threshold(cx, &h.unhealthy_threshold, "unhealthy_threshold", 3);
     Some(HealthCheck {
@@ -555,9 +642,22 @@ fn passive(cx: &mut Ctx<'_>, r: &RawRoute, prefix: &str, upstreams: usize) -> Pa
     let p = p.get_ref();
     let f = format!("{prefix}.passive_health");
     PassiveHealth {
-        failures: cx.count(&p.failures, &format!("{f}.failures"), 0, 1000, PassiveHealth::DEFAULT.failures as usize)
-            as u32,
-        window: cx.duration(&p.window, &format!("{f}.window"), PassiveHealth::DEFAULT.window),
-        cooldown: cx.duration(&p.cooldown, &format!("{f}.cooldown"), PassiveHealth::DEFAULT.cooldown),
+        failures: cx.count(
+            &p.failures,
+            &format!("{f}.failures"),
+            0,
+            1000,
+            PassiveHealth::DEFAULT.failures as usize,
+        ) as u32,
+        window: cx.duration(
+            &p.window,
+            &format!("{f}.window"),
+            PassiveHealth::DEFAULT.window,
+        ),
+        cooldown: cx.duration(
+            &p.cooldown,
+            &format!("{f}.cooldown"),
+            PassiveHealth::DEFAULT.cooldown,
+        ),
     }
 }
