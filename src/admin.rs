@@ -246,14 +246,7 @@ fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
     };
     if !force && slot.source == CertSource::Internal {
         let due = slot.current().is_none_or(|c| {
-            let now = std::time::SystemTime::now();
-            let left = c.info.not_after.duration_since(now).unwrap_or_default();
-            let life = c
-                .info
-                .not_after
-                .duration_since(c.info.not_before)
-                .unwrap_or_default();
-            left < life / 3
+            std::time::SystemTime::now() >= crate::certstore::internal::renew_at(&c.info)
         });
         if !due {
             return json(

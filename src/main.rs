@@ -168,6 +168,17 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// POSTs to a running proxy's admin API, prints the answer, exits 0 on 200.
+fn admin_post(admin: &str, path: &str) -> Result<ExitCode> {
+    let (status, body) = block_on(portcullis::ops::admin_request(admin, "POST", path))??;
+    print!("{body}");
+    Ok(if status == 200 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 fn parse_dur(s: &str) -> Result<Duration, String> {
     portcullis::config::parse_duration(s)
 }
@@ -255,25 +266,10 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Reload { admin } => {
-            let (status, body) =
-                block_on(portcullis::ops::admin_request(&admin, "POST", "/reload"))??;
-            print!("{body}");
-            Ok(if status == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        Command::Reload { admin } => admin_post(&admin, "/reload"),
         Command::Renew { name, force, admin } => {
             let path = format!("/certs/{name}/renew{}", if force { "?force=1" } else { "" });
-            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
-            print!("{body}");
-            Ok(if status == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            admin_post(&admin, &path)
         }
         Command::Revoke {
             name,
@@ -285,13 +281,7 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 .map(|v| v.get_name().to_string())
                 .unwrap_or_default();
             let path = format!("/certs/{name}/revoke?reason={reason}");
-            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
-            print!("{body}");
-            Ok(if status == 200 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
+            admin_post(&admin, &path)
         }
         Command::Validate { config } => Ok(validate(&config)),
         Command::Run { config } => {

@@ -137,6 +137,15 @@ impl InternalCa {
     }
 }
 
+/// When an internal certificate is re-issued: with a third of its life left.
+pub fn renew_at(info: &super::CertInfo) -> SystemTime {
+    let life = info
+        .not_after
+        .duration_since(info.not_before)
+        .unwrap_or(LEAF_LIFETIME);
+    info.not_after - life / 3
+}
+
 /// Re-issues internal certificates when a third of their life is left.
 pub fn spawn_renewer(store: Arc<CertStore>, ca: Arc<InternalCa>, shutdown: CancellationToken) {
     tokio::spawn(async move {
@@ -149,19 +158,9 @@ pub fn spawn_renewer(store: Arc<CertStore>, ca: Arc<InternalCa>, shutdown: Cance
                 if slot.source != CertSource::Internal {
                     continue;
                 }
-                let due = slot.current().is_none_or(|c| {
-                    let left = c
-                        .info
-                        .not_after
-                        .duration_since(SystemTime::now())
-                        .unwrap_or_default();
-                    let life = c
-                        .info
-                        .not_after
-                        .duration_since(c.info.not_before)
-                        .unwrap_or(LEAF_LIFETIME);
-                    left < life / 3
-                });
+                let due = slot
+                    .current()
+                    .is_none_or(|c| SystemTime::now() >= renew_at(&c.info));
                 if !due {
                     continue;
                 }

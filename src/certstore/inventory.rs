@@ -105,13 +105,7 @@ pub fn report(slot: &CertSlot, now: SystemTime) -> CertReport {
     let next_renewal = match (&slot.source, info) {
         // The ACME manager schedules (renewal information, backoff) and says when.
         (CertSource::Acme { .. }, _) => status.next_renewal.map(rfc3339),
-        (CertSource::Internal, Some(i)) => {
-            let life = i
-                .not_after
-                .duration_since(i.not_before)
-                .unwrap_or(internal::LEAF_LIFETIME);
-            Some(rfc3339(i.not_after - life / 3))
-        }
+        (CertSource::Internal, Some(i)) => Some(rfc3339(internal::renew_at(i))),
         _ => None,
     };
     CertReport {
