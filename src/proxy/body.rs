@@ -173,3 +173,14 @@ impl Body for TrackedBody {
         }
     }
 }
+
+/// A short `text/plain` answer the proxy makes itself (errors, refusals).
+pub(crate) fn short(status: http::StatusCode, msg: &'static str) -> http::Response<ResponseBody> {
+    let mut r = http::Response::new(ResponseBody::full(Bytes::from_static(msg.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}

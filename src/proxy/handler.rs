@@ -7,12 +7,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Incoming;
 
-use super::body::{ResponseBody, TrackedBody};
+use super::body::{short, ResponseBody, TrackedBody};
 use super::headers::{self, Reject};
 use super::io::ConnShared;
 use super::ratelimit::{self, Decision, Limiter};
@@ -292,16 +291,6 @@ async fn route_plain(
         resp.headers_mut().insert(RATELIMIT, state);
     }
     resp
-}
-
-fn short(status: StatusCode, msg: &'static str) -> Plain {
-    let mut r = Response::new(ResponseBody::full(Bytes::from_static(msg.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 fn bad_request(r: Reject) -> Plain {

@@ -20,7 +20,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -32,7 +31,7 @@ use super::client::UpstreamBody;
 use super::health::{self, InFlight};
 use super::Group;
 use crate::config::{LbPolicy, MAX_RETRIES};
-use crate::proxy::body::{BodyTimeout, RequestBody, ResponseBody};
+use crate::proxy::body::{short, BodyTimeout, RequestBody, ResponseBody};
 use crate::proxy::headers;
 use crate::proxy::{Runtime, Snapshot};
 
@@ -45,16 +44,6 @@ pub(crate) struct Outcome {
     /// Counts the request in flight on its upstream until the response
     /// body is done (held by the caller alongside the body).
     pub in_flight: Option<InFlight>,
-}
-
-fn short(status: StatusCode, msg: &'static str) -> Response<ResponseBody> {
-    let mut r = Response::new(ResponseBody::full(Bytes::from_static(msg.as_bytes())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 fn outcome(resp: Response<ResponseBody>, upstream: Option<Arc<str>>) -> Outcome {
