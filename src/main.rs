@@ -13,6 +13,13 @@ use tokio_util::sync::CancellationToken;
 use portcullis::config::{Config, HostPattern, TlsSource};
 use portcullis::Server;
 
+// mimalloc instead of glibc malloc: the request path allocates and frees
+// many small, short-lived objects (hyper's per-request state, header maps,
+// task cells). Measured in the performance pass of benches/RESULTS.md.
+// Built with `no_thp`: transparent huge pages would double the idle RSS.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "portcullis",

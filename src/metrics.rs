@@ -8,10 +8,11 @@
 //! Traffic counters are updated on the hot path (atomic adds only).
 
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 use std::time::SystemTime;
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
@@ -356,27 +357,89 @@ pub fn render_certs(out: &mut String, certs: &CertStore, now: SystemTime) {
     }
 }
 
+/// The bounded method labels, in [`method_index`] order.
+const METHOD_LABELS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "OTHER",
+];
+
+/// The status class labels, in [`class_index`] order.
+const CLASS_LABELS: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+fn method_index(m: &http::Method) -> usize {
+    match *m {
+        http::Method::GET => 0,
+        http::Method::HEAD => 1,
+        http::Method::POST => 2,
+        http::Method::PUT => 3,
+        http::Method::DELETE => 4,
+        http::Method::PATCH => 5,
+        http::Method::OPTIONS => 6,
+        _ => 7,
+    }
+}
+
+fn class_index(s: u16) -> usize {
+    match s {
+        100..=199 => 0,
+        200..=299 => 1,
+        300..=399 => 2,
+        400..=499 => 3,
+        _ => 4,
+    }
+}
+
 /// Bounded method label.
 pub fn method_label(m: &http::Method) -> &'static str {
-    match *m {
-        http::Method::GET => "GET",
-        http::Method::HEAD => "HEAD",
-        http::Method::POST => "POST",
-        http::Method::PUT => "PUT",
-        http::Method::DELETE => "DELETE",
-        http::Method::PATCH => "PATCH",
-        http::Method::OPTIONS => "OPTIONS",
-        _ => "OTHER",
-    }
+    METHOD_LABELS[method_index(m)]
 }
 
 /// `2xx`, `4xx`, ...
 pub fn status_class(s: u16) -> &'static str {
-    match s {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
+    CLASS_LABELS[class_index(s)]
+}
+
+/// One route's request counters and latency histogram, each looked up in
+/// its vector once (the first time it is used) instead of on every
+/// request: `with_label_values` hashes the labels and takes a read lock.
+/// A series appears in `/metrics` once it has counted something, as with
+/// direct lookups. Built with the route, so a reload starts a fresh cache
+/// (the series themselves live on in the registry).
+#[derive(Debug)]
+pub struct RouteMetrics {
+    latency: OnceLock<Histogram>,
+    requests: [OnceLock<IntCounter>; METHOD_LABELS.len() * CLASS_LABELS.len()],
+}
+
+impl Default for RouteMetrics {
+    fn default() -> Self {
+        RouteMetrics {
+            latency: OnceLock::new(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+}
+
+impl RouteMetrics {
+    /// Counts one request of `site`/`route` and observes its time to
+    /// response head.
+    pub fn record(
+        &self,
+        m: &Metrics,
+        site: &str,
+        route: &str,
+        method: &http::Method,
+        status: u16,
+        seconds: f64,
+    ) {
+        let (mi, ci) = (method_index(method), class_index(status));
+        self.requests[mi * CLASS_LABELS.len() + ci]
+            .get_or_init(|| {
+                m.requests
+                    .with_label_values(&[site, route, METHOD_LABELS[mi], CLASS_LABELS[ci]])
+            })
+            .inc();
+        self.latency
+            .get_or_init(|| m.latency.with_label_values(&[site, route]))
+            .observe(seconds);
     }
 }

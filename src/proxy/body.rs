@@ -10,6 +10,9 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::Sleep;
 
+use super::handler::RequestDone;
+use super::upstream::UpstreamIncoming;
+
 /// Error type of both bodies.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -81,7 +84,7 @@ pub enum ResponseBody {
     /// A fixed body (static responses, errors).
     Full(Option<Bytes>),
     /// Streamed from an upstream.
-    Upstream(Incoming),
+    Upstream(UpstreamIncoming),
 }
 
 impl ResponseBody {
@@ -102,16 +105,16 @@ impl ResponseBody {
 pub struct TrackedBody {
     inner: ResponseBody,
     bytes: u64,
-    on_done: Option<Box<dyn FnOnce(u64) + Send + Sync>>,
+    done: Option<RequestDone>,
 }
 
 impl TrackedBody {
-    /// Wraps `inner`; `on_done(bytes)` runs once when the body ends or is dropped.
-    pub fn new(inner: ResponseBody, on_done: Box<dyn FnOnce(u64) + Send + Sync>) -> Self {
+    /// Wraps `inner`; `done` finishes once, when the body is dropped.
+    pub(crate) fn new(inner: ResponseBody, done: RequestDone) -> Self {
         TrackedBody {
             inner,
             bytes: 0,
-            on_done: Some(on_done),
+            done: Some(done),
         }
     }
 
@@ -120,15 +123,15 @@ impl TrackedBody {
         TrackedBody {
             inner,
             bytes: 0,
-            on_done: None,
+            done: None,
         }
     }
 }
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
-        if let Some(f) = self.on_done.take() {
-            f(self.bytes);
+        if let Some(d) = self.done.take() {
+            d.finish(self.bytes);
         }
     }
 }

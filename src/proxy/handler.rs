@@ -26,25 +26,86 @@ pub struct ConnCtx {
     pub rt: Arc<Runtime>,
     /// Client address.
     pub peer: SocketAddr,
+    /// The client's IP address as a header value (`X-Forwarded-For`),
+    /// formatted once per connection.
+    pub peer_header: HeaderValue,
     /// Counters shared with the byte stream and the connection driver.
     pub shared: Arc<ConnShared>,
     /// SNI the client sent (for logs).
     pub sni: Option<Arc<str>>,
 }
 
-/// Facts about a request kept for its access-log line.
-struct Access {
+impl ConnCtx {
+    /// The context of a connection from `peer`.
+    pub fn new(
+        rt: Arc<Runtime>,
+        peer: SocketAddr,
+        shared: Arc<ConnShared>,
+        sni: Option<Arc<str>>,
+    ) -> ConnCtx {
+        let peer_header = HeaderValue::try_from(peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        ConnCtx {
+            rt,
+            peer,
+            peer_header,
+            shared,
+            sni,
+        }
+    }
+}
+
+/// The access-log facts of a request; only gathered while the access log
+/// is on (`target: "access"` at info).
+struct AccessLine {
     start: Instant,
     method: Method,
     host: String,
     path: String,
-    upstream: Option<String>,
-    /// Counts the request on its upstream until the response body ends.
-    upstream_in_flight: Option<super::upstream::InFlight>,
+    upstream: Option<Arc<str>>,
     status: u16,
     version: Version,
+}
+
+/// Where routing sent a request.
+#[derive(Default)]
+struct Routed {
     /// The site and route index that served it (metric labels).
-    routed: Option<(Arc<Site>, usize)>,
+    route: Option<(Arc<Site>, usize)>,
+    /// The upstream that answered (or failed last).
+    upstream: Option<Arc<str>>,
+    /// Counts the request on its upstream until the response body ends.
+    upstream_in_flight: Option<super::upstream::InFlight>,
+}
+
+/// What a request holds until its response body is done (or dropped):
+/// the in-flight counts of its connection and upstream, and its access-log
+/// line, written with the byte count.
+pub(crate) struct RequestDone {
+    in_flight: InFlight,
+    _upstream_in_flight: Option<super::upstream::InFlight>,
+    log: Option<Box<AccessLine>>,
+}
+
+impl RequestDone {
+    /// The response body sent `bytes` bytes and is over.
+    pub(crate) fn finish(self, bytes: u64) {
+        let Some(a) = self.log else { return };
+        let ctx = &self.in_flight.0;
+        tracing::info!(
+            target: "access",
+            client = %ctx.peer.ip(),
+            host = %a.host,
+            sni = ctx.sni.as_deref().unwrap_or("-"),
+            method = %a.method,
+            path = %a.path,
+            proto = ?a.version,
+            status = a.status,
+            bytes,
+            duration_ms = a.start.elapsed().as_secs_f64() * 1000.0,
+            upstream = a.upstream.as_deref().unwrap_or("-"),
+        );
+    }
 }
 
 /// Serves one request; never fails (errors become responses).
@@ -54,46 +115,42 @@ pub async fn handle(
 ) -> Result<Response<TrackedBody>, Infallible> {
     let index = ctx.shared.requests.fetch_add(1, Ordering::AcqRel);
     let in_flight = InFlight::start(ctx.clone());
-    let mut access = Access {
-        start: Instant::now(),
-        method: req.method().clone(),
-        host: String::new(),
-        path: req.uri().path().to_string(),
-        upstream: None,
-        upstream_in_flight: None,
-        status: 0,
-        version: req.version(),
-        routed: None,
-    };
-    let resp = route_plain(&ctx, req, index, &mut access).await;
-    access.status = resp.status().as_u16();
-    record(&ctx.rt.metrics, &access);
-    let (parts, body) = resp.into_parts();
-    let ctx2 = ctx.clone();
-    let on_done = Box::new(move |bytes: u64| {
-        drop(in_flight);
-        tracing::info!(
-            target: "access",
-            client = %ctx2.peer.ip(),
-            host = %access.host,
-            sni = ctx2.sni.as_deref().unwrap_or("-"),
-            method = %access.method,
-            path = %access.path,
-            proto = ?access.version,
-            status = access.status,
-            bytes,
-            duration_ms = access.start.elapsed().as_secs_f64() * 1000.0,
-            upstream = access.upstream.as_deref().unwrap_or("-"),
-        );
+    let start = Instant::now();
+    let method = req.method().clone();
+    let mut log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+        Box::new(AccessLine {
+            start,
+            method: method.clone(),
+            host: String::new(),
+            path: req.uri().path().to_string(),
+            upstream: None,
+            status: 0,
+            version: req.version(),
+        })
     });
-    Ok(Response::from_parts(parts, TrackedBody::new(body, on_done)))
+    let mut routed = Routed::default();
+    let resp = route_plain(&ctx, req, index, &mut routed, log.as_deref_mut()).await;
+    let status = resp.status().as_u16();
+    record(&ctx.rt.metrics, &routed, &method, status, start);
+    if let Some(a) = &mut log {
+        a.status = status;
+        a.upstream = routed.upstream;
+    }
+    let (parts, body) = resp.into_parts();
+    let done = RequestDone {
+        in_flight,
+        _upstream_in_flight: routed.upstream_in_flight,
+        log,
+    };
+    Ok(Response::from_parts(parts, TrackedBody::new(body, done)))
 }
 
 /// Counts one request as in flight on its connection until dropped. It
-/// lives in the handler future, then in the response body's `on_done`, so
-/// the count comes back down even when hyper drops the future before any
-/// response exists (an HTTP/2 stream reset while the upstream is slow);
-/// otherwise the connection would look busy forever and never go idle.
+/// lives in the handler future, then in the response body's
+/// [`RequestDone`], so the count comes back down even when hyper drops the
+/// future before any response exists (an HTTP/2 stream reset while the
+/// upstream is slow); otherwise the connection would look busy forever and
+/// never go idle.
 struct InFlight(Arc<ConnCtx>);
 
 impl InFlight {
@@ -119,18 +176,25 @@ impl Drop for InFlight {
 type Plain = Response<ResponseBody>;
 
 /// Counts a request and its time to response head (bounded labels only).
-fn record(m: &Metrics, a: &Access) {
-    let (site, route) = match &a.routed {
-        Some((site, i)) => (&*site.name, site.routes[*i].prefix.as_str()),
-        None => ("-", "-"),
-    };
-    m.requests
-        .with_label_values(&[site, route, method_label(&a.method), status_class(a.status)])
-        .inc();
-    m.latency
-        .with_label_values(&[site, route])
-        .observe(a.start.elapsed().as_secs_f64());
-    if a.status == 400 {
+fn record(m: &Metrics, routed: &Routed, method: &Method, status: u16, start: Instant) {
+    let seconds = start.elapsed().as_secs_f64();
+    match &routed.route {
+        Some((site, i)) => {
+            let route = &site.routes[*i];
+            route
+                .metrics
+                .record(m, &site.name, &route.prefix, method, status, seconds);
+        }
+        None => {
+            m.requests
+                .with_label_values(&["-", "-", method_label(method), status_class(status)])
+                .inc();
+            m.latency
+                .with_label_values(&["-", "-"])
+                .observe(seconds);
+        }
+    }
+    if status == 400 {
         m.bad_requests.inc();
     }
 }
@@ -213,24 +277,27 @@ async fn route_plain(
     ctx: &ConnCtx,
     req: Request<Incoming>,
     index: u64,
-    access: &mut Access,
+    routed: &mut Routed,
+    log: Option<&mut AccessLine>,
 ) -> Plain {
     if ctx.shared.first_bad_head.load(Ordering::Acquire) == index {
         return bad_request(Reject::LengthAndEncoding);
     }
     let host = match headers::check_request(&req) {
-        Ok(h) => h.map(str::to_string),
+        Ok(h) => h,
         Err(r) => return bad_request(r),
     };
     if let Err(r) = headers::check_path(req.uri().path()) {
         return bad_request(r);
     }
-    access.host = host.clone().unwrap_or_default();
+    if let Some(a) = log {
+        a.host = host.unwrap_or_default().to_string();
+    }
     if req.method() == Method::CONNECT {
         return short(StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n");
     }
     let snap = ctx.rt.snapshot.load_full();
-    let Some(site) = snap.sites.lookup(host.as_deref()).cloned() else {
+    let Some(site) = snap.sites.lookup(host).cloned() else {
         return short(
             StatusCode::MISDIRECTED_REQUEST,
             "no site is configured for this host\n",
@@ -239,7 +306,7 @@ async fn route_plain(
     let Some(route_index) = site.route_index(req.uri().path()) else {
         return short(StatusCode::NOT_FOUND, "not found\n");
     };
-    access.routed = Some((site.clone(), route_index));
+    routed.route = Some((site.clone(), route_index));
     let route = &site.routes[route_index];
     let limit_headers = if route.limits.is_empty() {
         None
@@ -279,10 +346,9 @@ async fn route_plain(
             let Some(group) = &route.upstream else {
                 return short(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
             };
-            let out =
-                super::upstream::forward::forward(&ctx.rt, ctx.peer.ip(), &snap, group, req).await;
-            access.upstream = out.upstream.map(|u| u.to_string());
-            access.upstream_in_flight = out.in_flight;
+            let out = super::upstream::forward::forward(ctx, &snap, group, req).await;
+            routed.upstream = out.upstream;
+            routed.upstream_in_flight = out.in_flight;
             out.resp
         }
     };

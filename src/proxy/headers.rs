@@ -1,8 +1,6 @@
 //! Request checks and header rewriting between downstream and upstream.
 //! Hot path: no allocation unless a header must be built.
 
-use std::net::IpAddr;
-
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
@@ -200,34 +198,41 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
 /// Adds `X-Forwarded-For` (appended), `-Proto`, `-Host` and `Via`.
+/// `client` is the client's address as a header value (formatted once per
+/// connection).
 pub fn add_forwarded(
     headers: &mut HeaderMap,
-    client: IpAddr,
+    client: &HeaderValue,
     host: Option<&HeaderValue>,
     version: Version,
 ) {
-    let xff = HeaderName::from_static("x-forwarded-for");
-    // Every existing line, in order (a client or an earlier proxy may have
-    // sent several), then the client's address.
-    let mut value = String::new();
-    for prev in headers.get_all(&xff).iter().filter_map(|v| v.to_str().ok()) {
-        let prev = prev.trim();
-        if !prev.is_empty() {
-            value.push_str(prev);
-            value.push_str(", ");
+    let xff = if headers.contains_key(&X_FORWARDED_FOR) {
+        // Every existing line, in order (a client or an earlier proxy may
+        // have sent several), then the client's address.
+        let mut value = Vec::new();
+        for prev in headers.get_all(&X_FORWARDED_FOR) {
+            let prev = prev.as_bytes().trim_ascii();
+            if !prev.is_empty() {
+                value.extend_from_slice(prev);
+                value.extend_from_slice(b", ");
+            }
         }
+        value.extend_from_slice(client.as_bytes());
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok()
+    } else {
+        Some(client.clone())
+    };
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    value.push_str(&client.to_string());
-    if let Ok(v) = HeaderValue::try_from(value) {
-        headers.insert(xff, v);
-    }
-    headers.insert(
-        HeaderName::from_static("x-forwarded-proto"),
-        HeaderValue::from_static("https"),
-    );
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("https"));
     if let Some(h) = host {
-        headers.insert(HeaderName::from_static("x-forwarded-host"), h.clone());
+        headers.insert(X_FORWARDED_HOST, h.clone());
     }
     let via = match version {
         Version::HTTP_2 => "2 portcullis",

@@ -60,6 +60,8 @@ pub struct Route {
     /// The upstream group of a forwarding route; its upstreams' health
     /// and clients survive reloads that keep them.
     pub upstream: Option<Arc<upstream::Group>>,
+    /// This route's request metrics, looked up once.
+    pub metrics: crate::metrics::RouteMetrics,
 }
 
 impl Site {
@@ -150,6 +152,7 @@ impl Snapshot {
                             action: r.action.clone(),
                             limits,
                             upstream,
+                            metrics: Default::default(),
                         }
                     })
                     .collect(),
@@ -327,12 +330,7 @@ async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
         snap.timeouts.response_write,
         (!is_h2).then(|| (shared.clone(), snap.limits.max_header_bytes)),
     );
-    let ctx = Arc::new(handler::ConnCtx {
-        rt: rt.clone(),
-        peer,
-        shared,
-        sni,
-    });
+    let ctx = Arc::new(handler::ConnCtx::new(rt.clone(), peer, shared, sni));
     let svc = service_fn(move |req: hyper::Request<Incoming>| handler::handle(ctx.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder

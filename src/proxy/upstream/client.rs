@@ -1,7 +1,9 @@
 //! Connections to one upstream: the connector (TCP to the configured
-//! address, then TLS with SNI and ALPN for `https://`), the pooled hyper
-//! client built around it, and the request body that can be handed back
-//! for a retry when the upstream never read it.
+//! address, then TLS with SNI and ALPN for `https://`), the pooled client
+//! built around it (our own pool for HTTP/1.1, see [`super::pool`];
+//! hyper-util's for HTTP/2, whose connections are shared), and the request
+//! body that can be handed back for a retry when the upstream never read
+//! it.
 //!
 //! Clients are built on the control path (when a snapshot is built) and
 //! reused across reloads while their settings are unchanged, so pools
@@ -14,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::Uri;
+use http::{Request, Response, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::rt::{Read, ReadBufCursor, Write};
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -23,11 +25,35 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 
+use super::pool::{H1Pool, UpstreamError, UpstreamIncoming};
 use crate::config::{UpstreamProtocol, UpstreamTarget, UpstreamTls};
 use crate::proxy::body::{BoxError, RequestBody};
 
-/// A pooled client to one upstream.
-pub type UpstreamClient = Client<Connector, UpstreamBody>;
+/// A pooled client to one upstream. Cloning shares the pool.
+#[derive(Clone)]
+pub enum UpstreamClient {
+    /// HTTP/1.1: one request per connection at a time.
+    Http1(Arc<H1Pool>),
+    /// HTTP/2 (h2c or h2 over TLS): one multiplexed connection.
+    Http2(Client<Connector, UpstreamBody>),
+}
+
+impl UpstreamClient {
+    /// Sends `req`. Over HTTP/1.1 its URI is sent as it is (origin-form,
+    /// with a `Host` header); HTTP/2 needs scheme and authority.
+    pub async fn request(
+        &self,
+        req: Request<UpstreamBody>,
+    ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
+        match self {
+            UpstreamClient::Http1(pool) => pool.request(req).await,
+            UpstreamClient::Http2(c) => match c.request(req).await {
+                Ok(r) => Ok(r.map(UpstreamIncoming::shared)),
+                Err(e) => Err(UpstreamError::Http2(e)),
+            },
+        }
+    }
+}
 
 /// Everything a client is built from; a reload that leaves it equal keeps
 /// the client (and its pool of connections).
@@ -111,18 +137,23 @@ impl ClientSettings {
             target,
             tls: tls.map(Arc::new),
         };
+        if self.protocol == UpstreamProtocol::Http1 {
+            return UpstreamClient::Http1(Arc::new(H1Pool::new(
+                connector,
+                self.max_idle,
+                self.idle_timeout,
+            )));
+        }
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_timer(TokioTimer::new())
             .timer(TokioTimer::new())
             .pool_idle_timeout(self.idle_timeout)
             .pool_max_idle_per_host(self.max_idle)
             .set_host(false);
-        if self.protocol != UpstreamProtocol::Http1 {
-            b.http2_only(true)
-                .http2_keep_alive_interval(Some(Duration::from_secs(30)))
-                .http2_keep_alive_timeout(Duration::from_secs(20));
-        }
-        b.build(connector)
+        b.http2_only(true)
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)))
+            .http2_keep_alive_timeout(Duration::from_secs(20));
+        UpstreamClient::Http2(b.build(connector))
     }
 }
 

@@ -26,6 +26,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
+use super::pool::UpstreamIncoming;
+
 use super::balance;
 use super::client::UpstreamBody;
 use super::health::{self, InFlight};
@@ -33,6 +35,7 @@ use super::Group;
 use crate::config::{LbPolicy, MAX_RETRIES};
 use crate::proxy::body::{short, BodyTimeout, RequestBody, ResponseBody};
 use crate::proxy::headers;
+use crate::proxy::handler::ConnCtx;
 use crate::proxy::{Runtime, Snapshot};
 
 /// What forwarding produced.
@@ -81,12 +84,13 @@ fn hash_key(group: &Group, peer: IpAddr, headers: &http::HeaderMap, snap: &Snaps
 
 /// Forwards `req` (already checked and routed) to one of `group`'s upstreams.
 pub(crate) async fn forward(
-    rt: &Runtime,
-    peer: IpAddr,
+    ctx: &ConnCtx,
     snap: &Snapshot,
     group: &Group,
     mut req: Request<Incoming>,
 ) -> Outcome {
+    let rt = &*ctx.rt;
+    let peer = ctx.peer.ip();
     let cfg = &group.config;
     let prefix: &str = &group.route;
     let upgrade = headers::is_upgrade(&req);
@@ -105,25 +109,28 @@ pub(crate) async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // Path (maybe stripped) + query.
-    let pq = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-    let pq = if cfg.strip_prefix && prefix != "/" {
-        let rest = &pq[prefix.trim_end_matches('/').len().min(pq.len())..];
-        if rest.starts_with('/') {
-            rest.to_string()
-        } else {
-            format!("/{rest}")
+    let pq = match parts.uri.path_and_query() {
+        Some(pq) if !(cfg.strip_prefix && prefix != "/") => pq.clone(),
+        None if !(cfg.strip_prefix && prefix != "/") => PathAndQuery::from_static("/"),
+        pq => {
+            let pq = pq.map_or("/", |p| p.as_str());
+            let rest = &pq[prefix.trim_end_matches('/').len().min(pq.len())..];
+            let stripped = if rest.starts_with('/') {
+                PathAndQuery::try_from(rest)
+            } else {
+                PathAndQuery::try_from(format!("/{rest}"))
+            };
+            let Ok(pq) = stripped else {
+                return outcome(
+                    short(
+                        StatusCode::BAD_REQUEST,
+                        headers::Reject::HeaderBytes.message(),
+                    ),
+                    None,
+                );
+            };
+            pq
         }
-    } else {
-        pq.to_string()
-    };
-    let Ok(pq) = pq.parse::<PathAndQuery>() else {
-        return outcome(
-            short(
-                StatusCode::BAD_REQUEST,
-                headers::Reject::HeaderBytes.message(),
-            ),
-            None,
-        );
     };
 
     let original_host = parts.headers.get(header::HOST).cloned().or_else(|| {
@@ -135,7 +142,7 @@ pub(crate) async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_forwarded(
         &mut parts.headers,
-        peer,
+        &ctx.peer_header,
         original_host.as_ref(),
         parts.version,
     );
@@ -210,10 +217,9 @@ pub(crate) async fn forward(
             })
             .unwrap_or_else(|_| up.target.uri.clone())
         } else {
+            // HTTP/1.1: origin-form, the upstream's name in `Host`.
             out.headers_mut().insert(header::HOST, host);
-            let mut p = up.target.uri.clone().into_parts();
-            p.path_and_query = Some(pq.clone());
-            Uri::from_parts(p).unwrap_or_else(|_| up.target.uri.clone())
+            Uri::from(pq.clone())
         };
 
         let result =
@@ -318,7 +324,7 @@ fn all_down(group: &Group, now: u64) -> Outcome {
 fn respond(
     rt: &Runtime,
     snap: &Snapshot,
-    mut resp: Response<Incoming>,
+    mut resp: Response<UpstreamIncoming>,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<ResponseBody> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {

@@ -14,6 +14,7 @@ pub mod balance;
 pub mod client;
 pub(crate) mod forward;
 pub mod health;
+pub mod pool;
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
@@ -24,6 +25,7 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricT
 
 pub use balance::Balancer;
 pub use client::{ClientSettings, UpstreamBody, UpstreamClient};
+pub use pool::{UpstreamError, UpstreamIncoming};
 pub use health::{HealthChecks, InFlight, UpstreamState};
 
 use crate::config::{Limits, Timeouts, UpstreamConfig, UpstreamProtocol, UpstreamTarget};
