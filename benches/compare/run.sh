@@ -91,13 +91,14 @@ fi
 START=$(date +%s)
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 if [ "$BUILD" = 1 ]; then
-    say "== building portcullis and hsload (release)"
-    (cd "$ROOT" && cargo build --release --quiet --bin portcullis --example hsload) >&2
+    say "== building portcullis, hsload and swapcerts (release)"
+    (cd "$ROOT" && cargo build --release --quiet --bin portcullis --example hsload --example swapcerts) >&2
     say "   built in $(( $(date +%s) - START )) s"
 fi
 PORTCULLIS=$TARGET_DIR/release/portcullis
 HSLOAD=$TARGET_DIR/release/examples/hsload
-for b in "$PORTCULLIS" "$HSLOAD"; do
+SWAPCERTS=$TARGET_DIR/release/examples/swapcerts
+for b in "$PORTCULLIS" "$HSLOAD" "$SWAPCERTS"; do
     [ -x "$b" ] || { say "run.sh: $b is missing (drop --no-build)"; exit 2; }
 done
 
@@ -296,21 +297,16 @@ reloads() { http_get "$ADMIN_PORT" /metrics 2>/dev/null | awk '/^portcullis_tls_
 
 # Replaces portcullis' ECDSA certificate and key $SWAPS times over the
 # first 90% of $1 seconds, alternating two pairs, each file written to a
-# temp file and renamed into place (both written first, then the key
-# renamed, then the certificate: a reload that reads between the two renames
-# sees a mismatched pair and keeps the previous certificate, as designed).
+# temp file and renamed into place (the key renamed first, then the
+# certificate: a reload that reads between the two renames sees a
+# mismatched pair and keeps the previous certificate, as designed). One
+# process (benches/compare/swapcerts.rs) pinned to the load CPU: a shell
+# loop forking cp and mv cost more CPU than the reloads themselves.
 swap_loop() { # duration
-    local d=$WORK/portcullis-certs i src
-    local pause
-    pause=$(awk -v t="$1" -v n="$SWAPS" 'BEGIN { printf "%.3f", t * 0.9 / n }')
-    for i in $(seq 1 "$SWAPS"); do
-        if [ $((i % 2)) = 1 ]; then src=ecdsa2; else src=ecdsa; fi
-        cp "$WORK/$src.key" "$d/.ecdsa.key.tmp"
-        cp "$WORK/$src.crt" "$d/.ecdsa.crt.tmp"
-        mv -f "$d/.ecdsa.key.tmp" "$d/ecdsa.key"
-        mv -f "$d/.ecdsa.crt.tmp" "$d/ecdsa.crt"
-        sleep "$pause"
-    done
+    local over
+    over=$(awk -v t="$1" 'BEGIN { printf "%dms", t * 900 }')
+    taskset -c "$LOAD_CPU" "$SWAPCERTS" --dir "$WORK/portcullis-certs" --name ecdsa \
+        --from "$WORK/ecdsa" --from "$WORK/ecdsa2" --count "$SWAPS" --over "$over"
 }
 
 ROWS=(h1 h1p99 h2 full fullp99 resumed rsa rssidle rsspeak swaph1 swapfull)
