@@ -189,9 +189,7 @@ fn record(m: &Metrics, routed: &Routed, method: &Method, status: u16, start: Ins
             m.requests
                 .with_label_values(&["-", "-", method_label(method), status_class(status)])
                 .inc();
-            m.latency
-                .with_label_values(&["-", "-"])
-                .observe(seconds);
+            m.latency.with_label_values(&["-", "-"]).observe(seconds);
         }
     }
     if status == 400 {

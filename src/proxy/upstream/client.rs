@@ -35,7 +35,7 @@ pub enum UpstreamClient {
     /// HTTP/1.1: one request per connection at a time.
     Http1(Arc<H1Pool>),
     /// HTTP/2 (h2c or h2 over TLS): one multiplexed connection.
-    Http2(Client<Connector, UpstreamBody>),
+    Http2(Box<Client<Connector, UpstreamBody>>),
 }
 
 impl UpstreamClient {
@@ -153,7 +153,7 @@ impl ClientSettings {
         b.http2_only(true)
             .http2_keep_alive_interval(Some(Duration::from_secs(30)))
             .http2_keep_alive_timeout(Duration::from_secs(20));
-        UpstreamClient::Http2(b.build(connector))
+        UpstreamClient::Http2(Box::new(b.build(connector)))
     }
 }
 

@@ -34,8 +34,8 @@ use super::health::{self, InFlight};
 use super::Group;
 use crate::config::{LbPolicy, MAX_RETRIES};
 use crate::proxy::body::{short, BodyTimeout, RequestBody, ResponseBody};
-use crate::proxy::headers;
 use crate::proxy::handler::ConnCtx;
+use crate::proxy::headers;
 use crate::proxy::{Runtime, Snapshot};
 
 /// What forwarding produced.

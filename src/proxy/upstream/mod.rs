@@ -25,8 +25,8 @@ use prometheus::proto::{Counter, Gauge, LabelPair, Metric, MetricFamily, MetricT
 
 pub use balance::Balancer;
 pub use client::{ClientSettings, UpstreamBody, UpstreamClient};
-pub use pool::{UpstreamError, UpstreamIncoming};
 pub use health::{HealthChecks, InFlight, UpstreamState};
+pub use pool::{UpstreamError, UpstreamIncoming};
 
 use crate::config::{Limits, Timeouts, UpstreamConfig, UpstreamProtocol, UpstreamTarget};
 

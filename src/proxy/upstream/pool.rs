@@ -167,7 +167,9 @@ impl H1Pool {
         loop {
             let (mut tx, reused) = match self.checkout() {
                 Some(tx) => (tx, true),
-                None => (self.connect().await?, false),
+                // Boxed: dialling (TCP, TLS, handshake) is the rare path,
+                // and would otherwise make every request's future larger.
+                None => (Box::pin(self.connect()).await?, false),
             };
             // A pooled connection may still be finishing the response it
             // was returned after (hyper marks it ready a moment later).
