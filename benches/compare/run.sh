@@ -288,6 +288,11 @@ cpu_end() { # pid label: appends "label NN% (load CPU MM%)" to CPU_USE; sets CPU
     if [ "$CPU_PCT" -lt 90 ]; then MARK="†"; STARVED=1; fi
 }
 STARVED=0
+# CPU µs the proxy spent per request in the last scenario (from CPU_PCT):
+# unlike req/s, it does not depend on how hard the load side could push.
+per_request() { # rps
+    awk -v p="$CPU_PCT" -v r="$1" 'BEGIN { if (r > 0) printf "%.1f", p * 10000 / r; else print "" }'
+}
 
 kvget() { printf '%s\n' "$1" | tr ' ' '\n' | awk -F= -v k="$2" '$1 == k { print $2 }'; }
 
@@ -309,11 +314,13 @@ swap_loop() { # duration
         --from "$WORK/ecdsa" --from "$WORK/ecdsa2" --count "$SWAPS" --over "$over"
 }
 
-ROWS=(h1 h1p99 h2 full fullp99 resumed rsa rssidle rsspeak swaph1 swapfull)
+ROWS=(h1 h1p99 h1cpu h2 h2cpu full fullp99 resumed rsa rssidle rsspeak swaph1 swapfull)
 declare -A ROWNAME=(
     [h1]="HTTP/1.1 keep-alive over TLS, req/s (\`wrk -t1 -c$CONNS\`)"
     [h1p99]="HTTP/1.1 keep-alive p99 latency, ms (\`wrk --latency\`)"
+    [h1cpu]="HTTP/1.1 keep-alive, proxy CPU per request, µs (its CPU time / requests)"
     [h2]="HTTP/2, req/s (\`h2load -c$CONNS -m10\`)"
+    [h2cpu]="HTTP/2, proxy CPU per request, µs"
     [full]="full TLS 1.3 handshake + 1 GET per connection, hs/s (ECDSA P-256, hsload -c$CONNS)"
     [fullp99]="full handshake + GET p99 latency, ms"
     [resumed]="resumed TLS 1.3 handshake (ticket) + 1 GET, hs/s"
@@ -324,7 +331,7 @@ declare -A ROWNAME=(
     [swapfull]="full handshakes/s during $SWAPS certificate swaps"
 )
 # Which way is better: up (more is better) or down.
-declare -A BETTER=([h1]=up [h1p99]=down [h2]=up [full]=up [fullp99]=down [resumed]=up [rsa]=up
+declare -A BETTER=([h1]=up [h1p99]=down [h1cpu]=down [h2]=up [h2cpu]=down [full]=up [fullp99]=down [resumed]=up [rsa]=up
     [rssidle]=down [rsspeak]=down [swaph1]=up [swapfull]=up)
 
 bench_proxy() { # name
@@ -382,6 +389,7 @@ bench_proxy() { # name
     cpu_end "$spid" h1
     set_cell h1 "$name" "$W_RPS" "$MARK$(errs_text "$W_ERR")"
     set_cell h1p99 "$name" "$W_P99"
+    set_cell h1cpu "$name" "$(per_request "$W_RPS")"
     local base_h1=$W_RPS
 
     say "   HTTP/2"
@@ -389,6 +397,7 @@ bench_proxy() { # name
     run_h2load "$name-h2" "$DUR"
     cpu_end "$spid" h2
     set_cell h2 "$name" "$H_RPS" "$MARK$(errs_text "$H_ERR")"
+    set_cell h2cpu "$name" "$(per_request "$H_RPS")"
 
     say "   full handshakes (ECDSA)"
     cpu_begin "$spid"
