@@ -5,7 +5,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy ones proxies drop.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
@@ -180,21 +180,34 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
+///
+/// Most messages carry none, or only `Connection` tokens that are hop-by-hop
+/// headers anyway (`keep-alive`, `close`, `upgrade`): those cost no
+/// allocation and no removal of absent names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for n in named {
-            headers.remove(n);
+    let mut named: Vec<HeaderName> = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',').map(str::trim) {
+            let known = t.is_empty()
+                || t.eq_ignore_ascii_case("close")
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| h.as_str().eq_ignore_ascii_case(t));
+            if !known {
+                if let Ok(n) = HeaderName::from_bytes(t.as_bytes()) {
+                    named.push(n);
+                }
+            }
         }
     }
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    for n in named {
+        headers.remove(n);
+    }
+    if headers.keys().any(|k| HOP_BY_HOP.contains(k)) {
+        for h in &HOP_BY_HOP {
+            headers.remove(h);
+        }
     }
 }
 
@@ -211,6 +224,8 @@ pub fn add_forwarded(
     host: Option<&HeaderValue>,
     version: Version,
 ) {
+    // Up to four new names: grow the map once, not once per insert.
+    headers.reserve(4);
     let xff = if headers.contains_key(&X_FORWARDED_FOR) {
         // Every existing line, in order (a client or an earlier proxy may
         // have sent several), then the client's address.
