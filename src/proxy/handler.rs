@@ -344,7 +344,11 @@ async fn route_plain(
             let Some(group) = &route.upstream else {
                 return short(StatusCode::BAD_GATEWAY, "upstream unavailable\n");
             };
-            let out = super::upstream::forward::forward(ctx, &snap, group, req).await;
+            // Boxed: forwarding is most of a request's state (3 KiB). In
+            // place, every HTTP/2 stream task would be spawned, moved and
+            // polled with it: callgrind counts 2.8% fewer instructions per
+            // HTTP/2 request boxed, 1% more per HTTP/1.1 one.
+            let out = Box::pin(super::upstream::forward::forward(ctx, &snap, group, req)).await;
             routed.upstream = out.upstream;
             routed.upstream_in_flight = out.in_flight;
             out.resp
