@@ -516,3 +516,25 @@ async fn only_max_idle_connections_stay_pooled_after_a_burst() {
     assert_eq!(body, SMALL);
     assert_eq!(ev.accepted(), BURST, "a pooled connection should be reused");
 }
+
+#[tokio::test]
+async fn health_checks_reach_the_upstream_in_origin_form() {
+    let pki = Pki::new();
+    let (up, ev) = start_upstream(Style::KeepAlive).await;
+    let dir = tempfile::tempdir().unwrap();
+    pki.leaf(&[HOST], Alg::Ecdsa).write(dir.path(), "");
+    let toml = format!(
+        "[admin]\nlisten = \"off\"\n\
+         [[listeners]]\nlisten = \"127.0.0.1:0\"\n\
+         [[sites]]\nhosts = [\"{HOST}\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n\
+         [[sites.routes]]\nupstream = \"http://{up}\"\n\
+         [sites.routes.health_check]\npath = \"/small\"\ninterval = \"100ms\"\n"
+    );
+    let _proxy = Proxy::start_in(dir, &toml).await;
+    ev.expect("a health check reaches the upstream", |e| {
+        e.accepted() > 0 && !e.paths(0).is_empty()
+    })
+    .await;
+    // The request-target as sent: a path, not `http://host:port/small`.
+    assert_eq!(ev.paths(0)[0], "/small");
+}

@@ -26,11 +26,10 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 
-use super::pool::UpstreamIncoming;
-
 use super::balance;
 use super::client::UpstreamBody;
 use super::health::{self, InFlight};
+use super::pool::UpstreamIncoming;
 use super::Group;
 use crate::config::{LbPolicy, MAX_RETRIES};
 use crate::proxy::body::{short, BodyTimeout, RequestBody, ResponseBody};
@@ -109,9 +108,10 @@ pub(crate) async fn forward(
     let (mut parts, body) = req.into_parts();
 
     // Path (maybe stripped) + query.
+    let strip = cfg.strip_prefix && prefix != "/";
     let pq = match parts.uri.path_and_query() {
-        Some(pq) if !(cfg.strip_prefix && prefix != "/") => pq.clone(),
-        None if !(cfg.strip_prefix && prefix != "/") => PathAndQuery::from_static("/"),
+        Some(pq) if !strip => pq.clone(),
+        None if !strip => PathAndQuery::from_static("/"),
         pq => {
             let pq = pq.map_or("/", |p| p.as_str());
             let rest = &pq[prefix.trim_end_matches('/').len().min(pq.len())..];

@@ -21,7 +21,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
@@ -155,7 +156,9 @@ impl H1Pool {
         Ok(tx)
     }
 
-    /// Sends `req` (origin-form URI) on a pooled or new connection.
+    /// Sends `req` on a pooled or new connection, in origin-form (an
+    /// absolute URI is cut to its path and query: the connection already
+    /// goes to the one upstream, named in `Host`).
     ///
     /// A pooled connection can turn out to be closed by the upstream
     /// (its keep-alive timeout) just as it is taken; when hyper reports that
@@ -164,6 +167,14 @@ impl H1Pool {
         self: &Arc<Self>,
         mut req: Request<UpstreamBody>,
     ) -> Result<Response<UpstreamIncoming>, UpstreamError> {
+        if req.uri().authority().is_some() {
+            let pq = req
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *req.uri_mut() = Uri::from(pq);
+        }
         loop {
             let (mut tx, reused) = match self.checkout() {
                 Some(tx) => (tx, true),
