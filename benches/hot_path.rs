@@ -149,6 +149,7 @@ fn route_match(c: &mut Criterion) {
             content_type: String::new(),
         },
         limits: Vec::new(),
+        limited: Vec::new(),
         upstream: None,
         metrics: Default::default(),
     })

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 
 use portcullis::config::{LbPolicy, Limits, Timeouts, UpstreamConfig, UpstreamTarget};
-use portcullis::proxy::upstream::{balance, health, Group};
+use portcullis::proxy::clock;
+use portcullis::proxy::upstream::{balance, Group};
 
 fn group(n: usize, lb: LbPolicy) -> Arc<Group> {
     let mut cfg = UpstreamConfig::single("http://127.0.0.1:1/".parse().unwrap());
@@ -52,7 +53,7 @@ fn pick(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
                 b.iter(|| {
                     i = (i + 1) & 255;
-                    let now = health::now_ms();
+                    let now = clock::now_ms();
                     black_box(grp.pick(black_box(keys[i]), &[], now))
                 })
             });

@@ -24,12 +24,16 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
+use hyper_util::rt::TokioTimer;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::certstore::{watch, CertSource};
 use crate::control::{Control, ReloadReport, ReloadStatus};
 use crate::metrics::Metrics;
+use crate::proxy::server::accept_loop;
 
 /// State the admin API reports on.
 pub struct AdminState {
@@ -52,29 +56,88 @@ impl AdminState {
     }
 }
 
-/// Serves the admin API until `stop` is cancelled.
+/// Connections the admin listener serves at once. Its own budget, not
+/// the proxy's: a saturated proxy can still be scraped, reloaded and
+/// drained.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// How long an admin client may take to send a request head.
+const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves the admin API until `stop` is cancelled, through the proxy's
+/// accept loop with a budget of [`MAX_CONNECTIONS`].
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
-    loop {
-        let (tcp, _) = tokio::select! {
-            _ = stop.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(_) => {
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let tracker = TaskTracker::new();
+    accept_loop(listener, slots, tracker, stop, |tcp, _peer| {
         let state = state.clone();
-        tokio::spawn(async move {
+        async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(handle(&state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
-        });
+        }
+    })
+    .await;
+}
+
+/// What an admin request asks for; worked out from the method and path
+/// alone, so it can be tested on any input.
+#[derive(Debug, PartialEq, Eq)]
+enum Call<'a> {
+    Healthz,
+    Readyz,
+    Metrics,
+    Certs,
+    Reload,
+    Renew(&'a str),
+    Revoke(&'a str),
+    /// Known path, wrong method: the method to use.
+    WrongMethod(&'static str),
+    /// `/certs/{name}/...` with an empty or nested name.
+    BadName,
+    NotFound,
+}
+
+fn route<'a>(method: &Method, path: &'a str) -> Call<'a> {
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let read = matches!(*method, Method::GET | Method::HEAD);
+    match path {
+        "/healthz" if read => return Call::Healthz,
+        "/readyz" if read => return Call::Readyz,
+        "/metrics" if *method == Method::GET => return Call::Metrics,
+        "/certs" if *method == Method::GET => return Call::Certs,
+        "/reload" if *method == Method::POST => return Call::Reload,
+        "/healthz" | "/readyz" | "/metrics" | "/certs" => return Call::WrongMethod("GET"),
+        "/reload" => return Call::WrongMethod("POST"),
+        _ => {}
+    }
+    let Some(rest) = path.strip_prefix("/certs/") else {
+        return Call::NotFound;
+    };
+    let (name, action) = match rest.rsplit_once('/') {
+        Some((name, a @ ("renew" | "revoke"))) => (name, a),
+        _ => return Call::NotFound,
+    };
+    if name.is_empty() || name.contains('/') {
+        return Call::BadName;
+    }
+    if *method != Method::POST {
+        return Call::WrongMethod("POST");
+    }
+    if action == "renew" {
+        Call::Renew(name)
+    } else {
+        Call::Revoke(name)
     }
 }
 
@@ -96,18 +159,16 @@ struct ReloadBody {
 }
 
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    let path = req.uri().path().trim_end_matches('/');
-    let method = req.method();
-    match (method, path) {
-        (&Method::GET | &Method::HEAD, "/healthz") => text(StatusCode::OK, "ok\n".into()),
-        (&Method::GET | &Method::HEAD, "/readyz") => {
+    match route(req.method(), req.uri().path()) {
+        Call::Healthz => text(StatusCode::OK, "ok\n".into()),
+        Call::Readyz => {
             if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n".into())
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n".into())
             }
         }
-        (&Method::GET, "/metrics") => {
+        Call::Metrics => {
             let body = state.metrics.render(state.control.certs());
             let mut r = text(StatusCode::OK, body);
             r.headers_mut().insert(
@@ -116,7 +177,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             );
             r
         }
-        (&Method::GET, "/certs") => {
+        Call::Certs => {
             let status = state.control.status();
             json(
                 StatusCode::OK,
@@ -126,7 +187,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 },
             )
         }
-        (&Method::POST, "/reload") => match state.control.reload().await {
+        Call::Reload => match state.control.reload().await {
             Ok(report) => json(
                 StatusCode::OK,
                 &ReloadBody {
@@ -144,8 +205,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
                 },
             ),
         },
-        (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/renew") => {
-            let name = &p["/certs/".len()..p.len() - "/renew".len()];
+        Call::Renew(name) => {
             let force = req.uri().query().is_some_and(|q| {
                 q.split('&')
                     .any(|kv| kv == "force" || kv == "force=1" || kv == "force=true")
@@ -156,8 +216,7 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             }
             renew(state, name, force)
         }
-        (&Method::POST, p) if p.starts_with("/certs/") && p.ends_with("/revoke") => {
-            let name = &p["/certs/".len()..p.len() - "/revoke".len()];
+        Call::Revoke(name) => {
             let reason = req
                 .uri()
                 .query()
@@ -187,11 +246,12 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
             let (acme, n) = (state.control.acme().clone(), name.to_string());
             acme_action(name, async move { acme.revoke(&n, reason).await }).await
         }
-        (_, "/healthz" | "/readyz" | "/metrics" | "/certs") => {
-            text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into())
-        }
-        (_, "/reload") => text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n".into()),
-        _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        Call::WrongMethod(m) => text(StatusCode::METHOD_NOT_ALLOWED, format!("use {m}\n")),
+        Call::BadName => text(
+            StatusCode::BAD_REQUEST,
+            "name the certificate: /certs/{name}/renew or /certs/{name}/revoke\n".into(),
+        ),
+        Call::NotFound => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
 
@@ -304,4 +364,72 @@ fn json<T: Serialize>(status: StatusCode, v: &T) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn known_calls_are_routed() {
+        assert_eq!(route(&Method::GET, "/healthz"), Call::Healthz);
+        assert_eq!(route(&Method::GET, "/metrics/"), Call::Metrics);
+        assert_eq!(
+            route(&Method::POST, "/certs/a.example/renew"),
+            Call::Renew("a.example")
+        );
+        assert_eq!(
+            route(&Method::POST, "/certs/a.example/revoke"),
+            Call::Revoke("a.example")
+        );
+        assert_eq!(route(&Method::POST, "/certs/renew"), Call::NotFound);
+        assert_eq!(route(&Method::POST, "/certs//renew"), Call::BadName);
+        assert_eq!(route(&Method::POST, "/certs/a/b/renew"), Call::BadName);
+        assert_eq!(route(&Method::GET, "/certs/a/renew"), Call::WrongMethod("POST"));
+        assert_eq!(route(&Method::DELETE, "/reload"), Call::WrongMethod("POST"));
+        assert_eq!(route(&Method::GET, "/"), Call::NotFound);
+    }
+
+    /// Arbitrary methods and paths (a fixed-seed generator over the bytes
+    /// and fragments that matter): the router answers every one without
+    /// panicking, and never names an empty certificate.
+    #[test]
+    fn arbitrary_methods_and_paths_never_panic() {
+        const PIECES: [&str; 16] = [
+            "/", "//", "/certs", "/certs/", "renew", "/renew", "revoke", "/revoke", "%00", "%2F",
+            "..", "é", "\u{0}", "reload", "a.example", "?force=1",
+        ];
+        let methods = [
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::DELETE,
+            Method::OPTIONS,
+            Method::from_bytes(b"BREW").expect("valid token"),
+        ];
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut path = String::new();
+            for _ in 0..(next() % 8) {
+                path.push_str(PIECES[(next() % PIECES.len() as u64) as usize]);
+            }
+            let method = &methods[(next() % methods.len() as u64) as usize];
+            match route(method, &path) {
+                Call::Renew(n) | Call::Revoke(n) => {
+                    assert!(!n.is_empty() && !n.contains('/'), "{path:?} -> {n:?}")
+                }
+                _ => {}
+            }
+        }
+        let long = format!("/certs/{}/renew", "a".repeat(10 * 1024));
+        assert!(matches!(route(&Method::POST, &long), Call::Renew(_)));
+        assert_eq!(route(&Method::GET, &"/".repeat(10 * 1024)), Call::NotFound);
+    }
 }

@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::certstore::{self, CertStore, InternalCa};
 use crate::config::{Config, ListenerConfig, ListenerProtocol};
-use crate::proxy::{self, Runtime, Snapshot};
+use crate::proxy::{self, Runtime};
 
 /// One open listener.
 struct OpenListener {
@@ -175,11 +175,11 @@ impl Control {
         match config.protocol {
             ListenerProtocol::Https => {
                 tracing::info!(protocol = "https", addr = %bound, "listening");
-                tokio::spawn(proxy::serve_https(listener, rt, stop.clone()));
+                tokio::spawn(proxy::server::serve_https(listener, rt, stop.clone()));
             }
             ListenerProtocol::Http { https_port } => {
                 tracing::info!(protocol = "http", addr = %bound, "listening");
-                tokio::spawn(proxy::redirect::serve_http(
+                tokio::spawn(proxy::server::serve_http(
                     listener,
                     rt,
                     https_port,
@@ -334,9 +334,7 @@ impl Control {
             self.rt.certs.replace_map(map);
             // ACME tasks follow the new sites (their slots are in service now).
             self.acme.sync(&new);
-            let old_snap = self.rt.snapshot.load_full();
-            self.rt
-                .publish(Snapshot::from_config(&new, Some(&old_snap)));
+            self.rt.publish(self.rt.build(&new));
 
             // Close listeners that went away (or change settings); open the new ones.
             let mut to_open = Vec::new();

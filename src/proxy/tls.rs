@@ -51,6 +51,15 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
+    /// Every reason, in label-index order (`reason as usize`).
+    pub const ALL: [HandshakeFailure; 5] = [
+        HandshakeFailure::UnknownName,
+        HandshakeFailure::Timeout,
+        HandshakeFailure::Protocol,
+        HandshakeFailure::Io,
+        HandshakeFailure::AcmeChallenge,
+    ];
+
     /// A short label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -16,7 +16,6 @@
 //! rebuilt. Retries go to upstreams not yet tried for this request, at
 //! most `retries` of them, and none starts after `retry_budget`.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -25,35 +24,57 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::balance;
-use super::client::UpstreamBody;
-use super::health::{self, InFlight};
-use super::pool::UpstreamIncoming;
-use super::Group;
-use crate::config::{LbPolicy, MAX_RETRIES};
-use crate::proxy::body::{short, BodyTimeout, RequestBody, ResponseBody};
-use crate::proxy::handler::ConnCtx;
+use super::group::Group;
+use super::health;
+use super::state::InFlight;
+use crate::config::{LbPolicy, Timeouts, MAX_RETRIES};
+use crate::proxy::body::{
+    BodyTimeout, ClientBodyError, RequestBody, ResponseBody, UpstreamBody, UpstreamIncoming,
+};
+use crate::proxy::clock::now_ms;
+use crate::proxy::context::{Client, Peer};
+use crate::proxy::error::{error_chain, has_source, is_timeout, sources, ErrorKind, ProxyError};
 use crate::proxy::headers;
-use crate::proxy::{Runtime, Snapshot};
 
-/// What forwarding produced.
-pub(crate) struct Outcome {
-    /// The response for the client.
-    pub resp: Response<ResponseBody>,
-    /// The upstream that answered (or failed last), for the access log.
-    pub upstream: Option<Arc<str>>,
-    /// Counts the request in flight on its upstream until the response
-    /// body is done (held by the caller alongside the body).
-    pub in_flight: Option<InFlight>,
+/// What forwarding needs from the request's context.
+pub struct ForwardCtx<'a> {
+    /// The client, resolved once for the request (hash keys).
+    pub client: Client,
+    /// The connection's peer (the hop appended to `X-Forwarded-For`).
+    pub peer: &'a Peer,
+    /// Body, response and shutdown timeouts of the snapshot in service.
+    pub timeouts: &'a Timeouts,
+    /// `portcullis_upstream_errors_total` by kind, resolved once, indexed
+    /// as [`crate::proxy::error::UpstreamErrorKind::ALL`].
+    pub errors: &'a [IntCounter; 3],
+    /// Where upgraded tunnels run (shutdown waits for them).
+    pub tunnels: &'a TaskTracker,
+    /// Cancelled when shutdown starts: tunnels then get the grace period.
+    pub shutdown: &'a CancellationToken,
 }
 
-fn outcome(resp: Response<ResponseBody>, upstream: Option<Arc<str>>) -> Outcome {
-    Outcome {
-        resp,
-        upstream,
-        in_flight: None,
+impl ForwardCtx<'_> {
+    fn count(&self, kind: ErrorKind) {
+        if let Some(k) = kind.upstream_label() {
+            self.errors[k as usize].inc();
+        }
     }
+}
+
+/// An upstream's answer, ready for the client.
+pub struct Forwarded {
+    /// The response.
+    pub resp: Response<ResponseBody>,
+    /// The upstream that answered, for the access log.
+    pub upstream: Arc<str>,
+    /// Counts the request in flight on its upstream until the response
+    /// body is done (held by the caller alongside the body).
+    pub in_flight: InFlight,
 }
 
 fn is_idempotent(m: &Method) -> bool {
@@ -64,47 +85,33 @@ fn is_idempotent(m: &Method) -> bool {
 }
 
 /// The hash key of a request for the hash policies (0 otherwise).
-fn hash_key(group: &Group, peer: IpAddr, headers: &http::HeaderMap, snap: &Snapshot) -> u64 {
-    let ip = || {
-        balance::hash_ip(crate::proxy::ratelimit::client_ip(
-            peer,
-            headers,
-            &snap.trusted_proxies,
-        ))
-    };
+fn hash_key(group: &Group, client: Client, headers: &http::HeaderMap) -> u64 {
     match &group.config.lb {
-        LbPolicy::HashIp => ip(),
+        LbPolicy::HashIp => balance::hash_ip(client.ip),
         LbPolicy::HashHeader(h) => headers
             .get(h)
-            .map_or_else(ip, |v| balance::hash_bytes(v.as_bytes())),
+            .map_or_else(|| balance::hash_ip(client.ip), |v| balance::hash_bytes(v.as_bytes())),
         _ => 0,
     }
 }
 
-/// Forwards `req` (already checked and routed) to one of `group`'s upstreams.
-pub(crate) async fn forward(
-    ctx: &ConnCtx,
-    snap: &Snapshot,
-    group: &Group,
+/// Forwards `req` (already checked and routed) to one of `group`'s
+/// upstreams. `Err` is an answer the proxy makes itself; its
+/// [`ProxyError::status`] says which.
+pub async fn forward(
     mut req: Request<Incoming>,
-) -> Outcome {
-    let rt = &*ctx.rt;
-    let peer = ctx.peer.ip();
+    ctx: &ForwardCtx<'_>,
+    group: &Group,
+) -> Result<Forwarded, ProxyError> {
     let cfg = &group.config;
     let prefix: &str = &group.route;
     let upgrade = headers::is_upgrade(&req);
     if upgrade && group.is_h2() {
-        return outcome(
-            short(
-                StatusCode::BAD_GATEWAY,
-                "protocol upgrades need an HTTP/1.1 upstream\n",
-            ),
-            None,
-        );
+        return Err(ProxyError::new(ErrorKind::UpgradeToH2, None));
     }
     let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let upgrade_proto = req.headers().get(header::UPGRADE).cloned();
-    let key = hash_key(group, peer, req.headers(), snap);
+    let key = hash_key(group, ctx.client, req.headers());
     let (mut parts, body) = req.into_parts();
 
     // Path (maybe stripped) + query.
@@ -120,16 +127,7 @@ pub(crate) async fn forward(
             } else {
                 PathAndQuery::try_from(format!("/{rest}"))
             };
-            let Ok(pq) = stripped else {
-                return outcome(
-                    short(
-                        StatusCode::BAD_REQUEST,
-                        headers::Reject::HeaderBytes.message(),
-                    ),
-                    None,
-                );
-            };
-            pq
+            stripped.map_err(|_| ProxyError::new(ErrorKind::BadRequest, None))?
         }
     };
 
@@ -142,7 +140,7 @@ pub(crate) async fn forward(
     headers::strip_hop_by_hop(&mut parts.headers);
     headers::add_forwarded(
         &mut parts.headers,
-        &ctx.peer_header,
+        &ctx.peer.header,
         original_host.as_ref(),
         parts.version,
     );
@@ -166,21 +164,23 @@ pub(crate) async fn forward(
     // A bodyless request can be rebuilt for every attempt; a body only
     // while it is unread (see the module doc).
     let mut body = (!http_body::Body::is_end_stream(&body))
-        .then(|| RequestBody::new(body, snap.timeouts.request_body));
+        .then(|| RequestBody::new(body, ctx.timeouts.request_body));
     let has_body = body.is_some();
     let may_retry = cfg.retries > 0 && group.upstreams.len() > 1;
     let start = Instant::now();
     let mut tried = [0usize; MAX_RETRIES as usize + 1];
     let mut attempts = 0usize;
-    let errors = &rt.metrics.upstream_errors;
     loop {
-        let now = health::now_ms();
+        let now = now_ms();
         let Some(i) = group.pick(key, &tried[..attempts], now) else {
             // Only reached on the first attempt: a retry is only tried
             // after checking that another upstream is in service.
-            return all_down(group, now);
+            let retry_after = health::retry_after(group, now);
+            tracing::warn!(site = %group.site, route = %group.route, retry_after, "no upstream in service");
+            return Err(ProxyError::new(ErrorKind::NoUpstream { retry_after }, None));
         };
         let up = &group.upstreams[i];
+        let who = up.labels(group);
         let in_flight = InFlight::start(&up.state);
         let (attempt_body, back) = match body.take() {
             Some(b) => {
@@ -223,54 +223,55 @@ pub(crate) async fn forward(
         };
 
         let result =
-            tokio::time::timeout(snap.timeouts.upstream_response, up.client.request(out)).await;
-        let now = health::now_ms();
+            tokio::time::timeout(ctx.timeouts.upstream_response, up.client.request(out)).await;
+        let now = now_ms();
         let e = match result {
             Ok(Ok(resp)) => {
                 up.state.count_status(resp.status());
                 if resp.status().is_server_error() {
-                    up.state.passive_failure(&cfg.passive, now, up, group);
+                    up.state.passive_failure(&cfg.passive, now, &who);
                 } else {
-                    up.state.passive_success(now, up, group);
+                    up.state.passive_success(now, &who);
                 }
-                let resp = respond(rt, snap, resp, downstream_upgrade);
-                return Outcome {
+                let resp = respond(ctx, resp, downstream_upgrade)
+                    .map_err(|kind| ProxyError::new(kind, Some(up.label.clone())))?;
+                return Ok(Forwarded {
                     resp,
-                    upstream: Some(up.label.clone()),
-                    in_flight: Some(in_flight),
-                };
+                    upstream: up.label.clone(),
+                    in_flight,
+                });
             }
             Err(_) => {
                 up.state.count_error();
-                up.state.passive_failure(&cfg.passive, now, up, group);
-                errors.with_label_values(&["timeout"]).inc();
+                up.state.passive_failure(&cfg.passive, now, &who);
+                ctx.count(ErrorKind::Timeout);
                 tracing::warn!(upstream = %up.label, "upstream did not answer in time");
-                return outcome(
-                    short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n"),
-                    Some(up.label.clone()),
-                );
+                return Err(ProxyError::new(ErrorKind::Timeout, Some(up.label.clone())));
             }
             Ok(Err(e)) => e,
         };
         drop(in_flight);
+        // The client's faults: a stalled upload, or a malformed body. The
+        // upstream request was aborted with it and its connection is not
+        // reused (the pool never gets it back).
         if has_source::<BodyTimeout>(&e) {
-            // The client stalled its upload: its fault, not the upstream's.
-            return outcome(
-                short(StatusCode::REQUEST_TIMEOUT, "request body timed out\n"),
-                Some(up.label.clone()),
-            );
+            return Err(ProxyError::new(ErrorKind::BodyTimeout, Some(up.label.clone())));
+        }
+        if has_source::<ClientBodyError>(&e) {
+            tracing::debug!(upstream = %up.label, error = %error_chain(&e), "malformed request body; upstream request aborted");
+            return Err(ProxyError::new(ErrorKind::BadBody, Some(up.label.clone())));
         }
         let timed_out = is_timeout(&e);
         let kind = if timed_out {
-            "timeout"
+            ErrorKind::Timeout
         } else if e.is_connect() {
-            "connect"
+            ErrorKind::Connect
         } else {
-            "protocol"
+            ErrorKind::Protocol
         };
         up.state.count_error();
-        up.state.passive_failure(&cfg.passive, now, up, group);
-        errors.with_label_values(&[kind]).inc();
+        up.state.passive_failure(&cfg.passive, now, &who);
+        ctx.count(kind);
         // Nothing sent (connect failure): any method. Reset before a
         // response: idempotent methods. Never once the upstream answered.
         let mut retry = may_retry
@@ -289,57 +290,34 @@ pub(crate) async fn forward(
             && attempts <= cfg.retries as usize
             && start.elapsed() < cfg.retry_budget
             && group.pick(key, &tried[..attempts], now).is_some();
+        let label = kind.upstream_label().map_or("", |k| k.as_str());
         if retry {
             up.state
                 .retried
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::info!(upstream = %up.label, kind, error = %error_chain(&e), "upstream request failed; retrying on another upstream");
+            tracing::info!(upstream = %up.label, kind = label, error = %error_chain(&e), "upstream request failed; retrying on another upstream");
             continue;
         }
-        tracing::warn!(upstream = %up.label, kind, error = %error_chain(&e), "upstream request failed");
-        let resp = if timed_out {
-            short(StatusCode::GATEWAY_TIMEOUT, "upstream timed out\n")
-        } else {
-            short(StatusCode::BAD_GATEWAY, "upstream unavailable\n")
-        };
-        return outcome(resp, Some(up.label.clone()));
+        tracing::warn!(upstream = %up.label, kind = label, error = %error_chain(&e), "upstream request failed");
+        return Err(ProxyError::new(kind, Some(up.label.clone())));
     }
-}
-
-/// 503 with `Retry-After` when every upstream of the group is out.
-fn all_down(group: &Group, now: u64) -> Outcome {
-    let secs = health::retry_after(group, now);
-    tracing::warn!(site = %group.site, route = %group.route, retry_after = secs, "no upstream in service");
-    let mut r = short(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "no upstream is available\n",
-    );
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(secs));
-    outcome(r, None)
 }
 
 /// The client's response: hop-by-hop headers removed; a `101` becomes a
 /// tunnel between the two upgraded connections.
 fn respond(
-    rt: &Runtime,
-    snap: &Snapshot,
+    ctx: &ForwardCtx<'_>,
     mut resp: Response<UpstreamIncoming>,
     downstream_upgrade: Option<hyper::upgrade::OnUpgrade>,
-) -> Response<ResponseBody> {
+) -> Result<Response<ResponseBody>, ErrorKind> {
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
-        let Some(down) = downstream_upgrade else {
-            return short(
-                StatusCode::BAD_GATEWAY,
-                "upstream switched protocols unasked\n",
-            );
-        };
+        let down = downstream_upgrade.ok_or(ErrorKind::UnaskedUpgrade)?;
         let up_upgrade = hyper::upgrade::on(&mut resp);
         // A tunnel has no requests to finish: on shutdown it gets the
         // grace period, then both ends are closed (dropped).
-        let shutdown = rt.shutdown.clone();
-        let grace = snap.timeouts.shutdown_grace;
-        rt.tracker.spawn(async move {
+        let shutdown = ctx.shutdown.clone();
+        let grace = ctx.timeouts.shutdown_grace;
+        ctx.tunnels.spawn(async move {
             let tunnel = async {
                 match tokio::try_join!(down, up_upgrade) {
                     Ok((d, u)) => {
@@ -366,67 +344,18 @@ fn respond(
         if let Some(p) = proto {
             parts.headers.insert(header::UPGRADE, p);
         }
-        return Response::from_parts(parts, ResponseBody::Empty);
+        return Ok(Response::from_parts(parts, ResponseBody::Empty));
     }
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ResponseBody::Upstream(body))
+    Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
 }
 
 /// Whether the upstream sent bytes of a response (that failed to parse).
 fn response_started(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            if h.is_parse()
-                || h.is_parse_status()
-                || h.is_parse_too_large()
-                || h.is_parse_version_h2()
-            {
-                return true;
-            }
-        }
-        cur = err.source();
-    }
-    false
-}
-
-pub(crate) fn has_source<T: std::error::Error + 'static>(
-    e: &(dyn std::error::Error + 'static),
-) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if err.is::<T>() {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-pub(crate) fn is_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
-    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(io) = err.downcast_ref::<std::io::Error>() {
-            if io.kind() == std::io::ErrorKind::TimedOut {
-                return true;
-            }
-        }
-        if err.to_string().contains("timed out") || err.to_string().contains("timeout") {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}
-
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(err) = cur {
-        s.push_str(": ");
-        s.push_str(&err.to_string());
-        cur = err.source();
-    }
-    s
+    sources(e).any(|err| {
+        err.downcast_ref::<hyper::Error>().is_some_and(|h| {
+            h.is_parse() || h.is_parse_status() || h.is_parse_too_large() || h.is_parse_version_h2()
+        })
+    })
 }

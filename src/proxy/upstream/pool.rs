@@ -1,35 +1,40 @@
-//! The HTTP/1.1 connection pool of one upstream. Hot path.
+//! The HTTP/1.1 connection pool of one upstream. Hot path; takes no lock.
 //!
 //! Each connection is a hyper `client::conn::http1` pair: the connection
-//! future runs in its own task and the request side ([`SendRequest`]) lives
-//! in the pool while idle. A request takes the most recently used idle
-//! connection (LIFO: warm, least likely to have been closed by the
-//! upstream), or dials a new one. The connection goes back to the pool the
-//! moment its response body has been read to the end, from the task that
-//! read it: no task is spawned per request to wait for the connection to
-//! become reusable. A response body dropped before its end takes its
-//! connection with it (hyper closes it; the unread rest cannot be skipped).
+//! future runs in its own task and the request side ([`SendRequest`]) waits
+//! in the pool while idle. The idle connections sit in a bounded lock-free
+//! queue (`crossbeam_queue::ArrayQueue`): a request takes the one that has
+//! waited longest, or dials a new one. (A LIFO stack would keep fewer
+//! connections warm at low load, but there is no lock-free one without
+//! `unsafe`; the idle timeout bounds how long an unused connection lives
+//! either way, and one the upstream closed meanwhile is skipped, or its
+//! request re-sent on the next connection when hyper reports it unsent.)
 //!
-//! At most `max_idle` connections wait in the pool; one idle longer than
-//! `idle_timeout` is closed, by the next checkout or return, or by the
-//! pool's reaper task when the upstream sees no traffic at all.
+//! The connection goes back to the pool the moment its response body has
+//! been read to the end, from the task that read it
+//! ([`UpstreamIncoming::pooled`]): no task is spawned per request. A
+//! response body dropped before its end, or one that fails, takes its
+//! connection with it (hyper closes it; the unread rest cannot be skipped).
+//! So does a request whose body failed (a client's malformed chunk): the
+//! exchange never completed, so the connection is never handed back.
+//!
+//! At most `max_idle` connections wait; a return to a full pool closes the
+//! oldest. One idle longer than `idle_timeout` is closed by the next
+//! checkout that meets it, or by the pool's reaper task.
 
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use bytes::Bytes;
+use crossbeam_queue::ArrayQueue;
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-use super::client::{Connector, UpstreamBody};
-use super::health::now_ms;
-use crate::proxy::body::BoxError;
+use super::connector::Connector;
+use crate::proxy::body::{BoxError, Checkin, UpstreamBody, UpstreamIncoming};
+use crate::proxy::clock::now_ms;
 
 /// Why a request to the upstream failed.
 #[derive(Debug, thiserror::Error)]
@@ -71,8 +76,8 @@ struct Idle {
 /// Pooled HTTP/1.1 connections to one upstream.
 pub struct H1Pool {
     connector: Connector,
-    idle: Mutex<Vec<Idle>>,
-    max_idle: usize,
+    /// `None` when `max_idle` is 0: nothing is kept.
+    idle: Option<ArrayQueue<Idle>>,
     idle_timeout: Duration,
     reaper: AtomicBool,
 }
@@ -82,62 +87,46 @@ impl H1Pool {
     pub fn new(connector: Connector, max_idle: usize, idle_timeout: Duration) -> H1Pool {
         H1Pool {
             connector,
-            idle: Mutex::new(Vec::new()),
-            max_idle,
+            idle: (max_idle > 0).then(|| ArrayQueue::new(max_idle)),
             idle_timeout,
             reaper: AtomicBool::new(false),
         }
     }
 
-    fn idle(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        // The lock is never held across anything that can panic midway.
-        self.idle.lock().unwrap_or_else(|e| e.into_inner())
+    fn usable(&self, idle: &Idle, now: u64) -> bool {
+        !idle.tx.is_closed()
+            && now.saturating_sub(idle.since) < self.idle_timeout.as_millis() as u64
     }
 
-    fn expired(&self, idle: &Idle, now: u64) -> bool {
-        now.saturating_sub(idle.since) >= self.idle_timeout.as_millis() as u64
-    }
-
-    /// The most recently used idle connection that is still open.
+    /// An idle connection that is still open (expired or closed ones met
+    /// on the way are dropped, which closes them).
     fn checkout(&self) -> Option<SendRequest<UpstreamBody>> {
+        let idle = self.idle.as_ref()?;
         let now = now_ms();
-        let mut idle = self.idle();
         while let Some(c) = idle.pop() {
-            if !c.tx.is_closed() && !self.expired(&c, now) {
+            if self.usable(&c, now) {
                 return Some(c.tx);
             }
         }
         None
     }
 
-    /// Puts a connection whose response has been read back in the pool.
-    fn checkin(&self, tx: SendRequest<UpstreamBody>) {
-        if tx.is_closed() || self.max_idle == 0 {
-            return;
-        }
-        let now = now_ms();
-        let mut idle = self.idle();
-        // The oldest are at the front: drop what has expired or closed.
-        let stale = idle
-            .iter()
-            .take_while(|c| self.expired(c, now) || c.tx.is_closed())
-            .count();
-        idle.drain(..stale);
-        if idle.len() < self.max_idle {
-            idle.push(Idle { tx, since: now });
-        }
-    }
-
     /// Closes the connections idle for longer than the idle timeout.
     fn reap(&self) {
+        let Some(idle) = &self.idle else { return };
         let now = now_ms();
-        self.idle()
-            .retain(|c| !self.expired(c, now) && !c.tx.is_closed());
+        for _ in 0..idle.len() {
+            let Some(c) = idle.pop() else { return };
+            if self.usable(&c, now) {
+                // Full again meanwhile: the oldest goes (it is closed).
+                drop(idle.force_push(c));
+            }
+        }
     }
 
     /// Dials a new connection and starts its task.
     async fn connect(self: &Arc<Self>) -> Result<SendRequest<UpstreamBody>, UpstreamError> {
-        if !self.reaper.swap(true, Ordering::Relaxed) {
+        if self.idle.is_some() && !self.reaper.swap(true, Ordering::Relaxed) {
             tokio::spawn(reaper(Arc::downgrade(self), self.idle_timeout));
         }
         let mut connector = self.connector.clone();
@@ -209,15 +198,27 @@ impl H1Pool {
     ) -> Response<UpstreamIncoming> {
         let (parts, body) = resp.into_parts();
         // A 101 hands the connection to the upgrade: it never comes back.
-        let back = (parts.status != StatusCode::SWITCHING_PROTOCOLS).then(|| PoolReturn {
-            tx,
-            pool: self.clone(),
-        });
-        let mut body = UpstreamIncoming { inner: body, back };
-        if body.inner.is_end_stream() {
-            body.give_back();
-        }
+        let body = if parts.status == StatusCode::SWITCHING_PROTOCOLS || self.idle.is_none() {
+            UpstreamIncoming::shared(body)
+        } else {
+            UpstreamIncoming::pooled(body, tx, self.clone())
+        };
         Response::from_parts(parts, body)
+    }
+}
+
+impl Checkin for H1Pool {
+    /// Puts a connection whose response has been read back in the pool.
+    fn checkin(&self, tx: SendRequest<UpstreamBody>) {
+        let Some(idle) = &self.idle else { return };
+        if tx.is_closed() {
+            return;
+        }
+        // Full: the connection that has waited longest is closed.
+        drop(idle.force_push(Idle {
+            tx,
+            since: now_ms(),
+        }));
     }
 }
 
@@ -230,59 +231,5 @@ async fn reaper(pool: Weak<H1Pool>, every: Duration) {
             Some(p) => p.reap(),
             None => return,
         }
-    }
-}
-
-struct PoolReturn {
-    tx: SendRequest<UpstreamBody>,
-    pool: Arc<H1Pool>,
-}
-
-/// A response body from an upstream. Over HTTP/1.1 it returns its
-/// connection to the pool once read to the end.
-pub struct UpstreamIncoming {
-    inner: Incoming,
-    back: Option<PoolReturn>,
-}
-
-impl UpstreamIncoming {
-    /// A body that gives nothing back (HTTP/2: the connection is shared).
-    pub fn shared(inner: Incoming) -> UpstreamIncoming {
-        UpstreamIncoming { inner, back: None }
-    }
-
-    fn give_back(&mut self) {
-        if let Some(b) = self.back.take() {
-            b.pool.checkin(b.tx);
-        }
-    }
-}
-
-impl Body for UpstreamIncoming {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let this = &mut *self;
-        let r = Pin::new(&mut this.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(None) => this.give_back(),
-            Poll::Ready(Some(Ok(_))) if this.inner.is_end_stream() => this.give_back(),
-            // The connection failed; hyper closes it.
-            Poll::Ready(Some(Err(_))) => this.back = None,
-            _ => {}
-        }
-        r
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
     }
 }
