@@ -538,3 +538,64 @@ async fn health_checks_reach_the_upstream_in_origin_form() {
     // The request-target as sent: a path, not `http://host:port/small`.
     assert_eq!(ev.paths(0)[0], "/small");
 }
+
+/// A client's malformed chunk is the client's fault: it gets `400` (not
+/// `502`), the upstream request it was streaming into is aborted, and that
+/// upstream connection is never reused: the next request dials afresh.
+#[tokio::test]
+async fn a_malformed_client_chunk_gets_400_and_its_upstream_connection_is_not_reused() {
+    let pki = Pki::new();
+    let (up, ev) = start_upstream(Style::KeepAlive).await;
+    let proxy = start_proxy(&pki, up, "", "").await;
+
+    let mut tls = timeout(
+        WAIT,
+        common::tls_connect(proxy.https, HOST, pki.client_config(&[b"http/1.1"])),
+    )
+    .await
+    .expect("TLS handshake within the limit")
+    .unwrap();
+    // A good first chunk (so the upstream request is under way), then a
+    // chunk size that is not hex.
+    tls.write_all(
+        format!(
+            "POST /hold HTTP/1.1\r\nhost: {HOST}\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\nzz\r\nworld\r\n0\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut got = Vec::new();
+    let read = timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+            if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "no answer within {WAIT:?}");
+    let text = String::from_utf8_lossy(&got);
+    assert!(
+        text.starts_with("HTTP/1.1 400"),
+        "a malformed chunk is a client error, got: {text:?}"
+    );
+    ev.expect("the held request reached the upstream", |e| {
+        e.accepted() == 1 && e.paths(0) == ["/hold"]
+    })
+    .await;
+    // The held upstream may answer now: nobody reads it any more.
+    ev.released.store(true, Ordering::SeqCst);
+    ev.changed();
+
+    let (mut send, _conn) = h1_client(&proxy, &pki).await;
+    assert_eq!(h1_get(&mut send, "/small").await, (200, Bytes::from_static(SMALL)));
+    assert_eq!(ev.accepted(), 2, "the aborted connection must not be reused");
+    assert_eq!(ev.paths(1), ["/small"]);
+}
