@@ -145,7 +145,7 @@ impl Control {
     }
 
     /// Bound addresses of open listeners of a kind.
-    pub async fn bound(&self, https: bool) -> Vec<SocketAddr> {
+    pub fn bound(&self, https: bool) -> Vec<SocketAddr> {
         self.open_listeners()
             .iter()
             .filter(|l| (l.config.protocol == ListenerProtocol::Https) == https)
@@ -158,7 +158,7 @@ impl Control {
     }
 
     /// Starts serving on an already bound socket.
-    pub(crate) async fn open(&self, config: ListenerConfig, listener: TcpListener) {
+    pub(crate) fn open(&self, config: ListenerConfig, listener: TcpListener) {
         let bound = listener.local_addr().unwrap_or(config.addr);
         let socket = match socket2::SockRef::from(&listener).try_clone() {
             Ok(s) => Some(std::net::TcpListener::from(s)),
@@ -374,7 +374,7 @@ impl Control {
                     report.opened.push(a.to_string());
                 }
             }
-            self.open(cfg, sock).await;
+            self.open(cfg, sock);
         }
         *current = new;
         drop(current);

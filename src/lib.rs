@@ -184,7 +184,7 @@ impl Server {
         // Before listening: a SIGHUP that arrives once we are reachable reloads.
         shutdown::on_reload_signal(control.clone(), background.clone());
         for (cfg, listener) in self.listeners {
-            control.open(cfg, listener).await;
+            control.open(cfg, listener);
         }
         let admin_stop = CancellationToken::new();
         if let Some(admin) = self.admin {

@@ -160,6 +160,12 @@ async fn serve(mut tcp: TcpStream, id: usize, ev: Arc<Events>, style: Style) {
             Style::KeepAlive => "keep-alive",
             Style::CloseEach => "close",
         };
+        if let Some(raw) = bad_framing(&path) {
+            if !write_all(&mut tcp, raw.as_bytes()).await {
+                return closed_by_proxy(&ev);
+            }
+            continue;
+        }
         let (status, len) = match path.as_str() {
             "/small" => ("200 OK", SMALL.len()),
             "/big" => ("200 OK", BIG),
@@ -188,6 +194,23 @@ async fn serve(mut tcp: TcpStream, id: usize, ev: Arc<Events>, style: Style) {
             return;
         }
     }
+}
+
+/// Responses whose framing is ambiguous, by path: each says one thing in
+/// its head and does another on the wire.
+fn bad_framing(path: &str) -> Option<&'static str> {
+    Some(match path {
+        // Content-Length 3, but the body is chunked "hello".
+        "/cl-te" => {
+            "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+        }
+        // A coding the proxy would decode as "until close" and re-frame.
+        "/te-gzip" => "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nhello",
+        // Two lengths that disagree.
+        "/two-cl" => "HTTP/1.1 200 OK\r\ncontent-length: 3\r\ncontent-length: 5\r\n\r\nhello",
+        _ => return None,
+    })
 }
 
 /// Reads one request head (the proxy only sends GETs here: no body) and
@@ -598,4 +621,41 @@ async fn a_malformed_client_chunk_gets_400_and_its_upstream_connection_is_not_re
     assert_eq!(h1_get(&mut send, "/small").await, (200, Bytes::from_static(SMALL)));
     assert_eq!(ev.accepted(), 2, "the aborted connection must not be reused");
     assert_eq!(ev.paths(1), ["/small"]);
+}
+
+/// An upstream response with ambiguous framing (CL with TE, a TE other than
+/// chunked, conflicting CLs) gets `502` over HTTP/1.1 and HTTP/2, is never
+/// relayed with a length it does not have, and its connection is never
+/// reused.
+#[tokio::test]
+async fn ambiguous_upstream_framing_gets_502_and_its_connection_is_not_reused() {
+    let pki = Pki::new();
+    let (up, ev) = start_upstream(Style::KeepAlive).await;
+    let proxy = start_proxy(&pki, up, "", "").await;
+    let mut dialled = 0;
+    for path in ["/cl-te", "/te-gzip", "/two-cl"] {
+        for alpn in [&b"http/1.1"[..], &b"h2"[..]] {
+            let got = common::get(proxy.https, HOST, path, pki.client_config(&[alpn])).await;
+            assert_eq!(
+                got.status,
+                502,
+                "{path} over {}: {:?}",
+                String::from_utf8_lossy(alpn),
+                got.body
+            );
+            dialled += 1;
+            // The next request goes out on a new connection.
+            let got = common::get(proxy.https, HOST, "/small", pki.client_config(&[alpn])).await;
+            assert_eq!((got.status, &got.body[..]), (200, SMALL));
+            dialled += 1;
+            assert_eq!(
+                ev.accepted(),
+                dialled,
+                "after {path}: the connection that carried it must not be reused"
+            );
+            // Keep the /small connection out of the next round: it is
+            // pooled, and the next bad response would take it.
+            dialled -= 1;
+        }
+    }
 }

@@ -276,7 +276,10 @@ pub async fn forward(
         // response: idempotent methods. Never once the upstream answered.
         let mut retry = may_retry
             && (e.is_connect()
-                || (is_idempotent(&parts.method) && !timed_out && !response_started(&e)));
+                || (is_idempotent(&parts.method)
+                    && !timed_out
+                    && !e.response_started()
+                    && !response_started(&e)));
         if has_body {
             match back.and_then(|mut rx| rx.try_recv().ok()) {
                 Some(b) => body = Some(b),

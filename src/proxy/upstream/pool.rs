@@ -52,6 +52,58 @@ pub enum UpstreamError {
     /// Failed in the HTTP/2 client.
     #[error("upstream request failed")]
     Http2(#[source] hyper_util::client::legacy::Error),
+    /// The response head frames its body ambiguously; it is not relayed
+    /// and its connection is closed.
+    #[error("the upstream response's framing is ambiguous: {0}")]
+    Framing(Framing),
+}
+
+/// Upstream response framing the proxy refuses to relay (RFC 9112 §6.3:
+/// a message whose length cannot be known for certain is an error, and
+/// the connection cannot be reused).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Framing {
+    /// `Content-Length` and `Transfer-Encoding` together.
+    #[error("Content-Length together with Transfer-Encoding")]
+    LengthAndEncoding,
+    /// A transfer coding other than one final `chunked`.
+    #[error("a Transfer-Encoding other than chunked")]
+    Coding,
+    /// Several `Content-Length` values that disagree.
+    #[error("conflicting Content-Length values")]
+    Lengths,
+}
+
+/// Checks how an HTTP/1.1 response head frames its body.
+pub fn check_framing(headers: &http::HeaderMap) -> Result<(), Framing> {
+    use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+    let mut te = headers.get_all(TRANSFER_ENCODING).iter();
+    let has_cl = headers.contains_key(CONTENT_LENGTH);
+    if let Some(first) = te.next() {
+        if has_cl {
+            return Err(Framing::LengthAndEncoding);
+        }
+        let chunked_only = te.next().is_none()
+            && first
+                .to_str()
+                .is_ok_and(|v| v.trim().eq_ignore_ascii_case("chunked"));
+        return if chunked_only {
+            Ok(())
+        } else {
+            Err(Framing::Coding)
+        };
+    }
+    let mut value: Option<&[u8]> = None;
+    for v in headers.get_all(CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|b| *b == b',') {
+            let part = part.trim_ascii();
+            match value {
+                Some(seen) if seen != part => return Err(Framing::Lengths),
+                _ => value = Some(part),
+            }
+        }
+    }
+    Ok(())
 }
 
 impl UpstreamError {
@@ -60,9 +112,14 @@ impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         match self {
             UpstreamError::Connect(_) | UpstreamError::NotSent(_) => true,
-            UpstreamError::Request(_) => false,
+            UpstreamError::Request(_) | UpstreamError::Framing(_) => false,
             UpstreamError::Http2(e) => e.is_connect(),
         }
+    }
+
+    /// Whether the upstream started answering (so the request is final).
+    pub fn response_started(&self) -> bool {
+        matches!(self, UpstreamError::Framing(_))
     }
 }
 
@@ -180,7 +237,11 @@ impl H1Pool {
                 return Err(UpstreamError::NotSent(e));
             }
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(self.track(resp, tx)),
+                Ok(resp) => {
+                    // Dropping the response and `tx` closes the connection.
+                    check_framing(resp.headers()).map_err(UpstreamError::Framing)?;
+                    return Ok(self.track(resp, tx));
+                }
                 Err(mut e) => match e.take_message() {
                     Some(r) if reused => req = r,
                     Some(_) => return Err(UpstreamError::NotSent(e.into_error())),
@@ -231,5 +292,62 @@ async fn reaper(pool: Weak<H1Pool>, every: Duration) {
             Some(p) => p.reap(),
             None => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(lines: &[(&str, &str)]) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (k, v) in lines {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                http::HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        assert_eq!(check_framing(&head(&[])), Ok(()));
+        assert_eq!(check_framing(&head(&[("content-length", "3")])), Ok(()));
+        assert_eq!(
+            check_framing(&head(&[("transfer-encoding", "Chunked")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_framing(&head(&[("content-length", "3"), ("content-length", "3")])),
+            Ok(())
+        );
+        assert_eq!(
+            check_framing(&head(&[("content-length", "3"), ("transfer-encoding", "chunked")])),
+            Err(Framing::LengthAndEncoding)
+        );
+        assert_eq!(
+            check_framing(&head(&[("transfer-encoding", "gzip")])),
+            Err(Framing::Coding)
+        );
+        assert_eq!(
+            check_framing(&head(&[("transfer-encoding", "gzip, chunked")])),
+            Err(Framing::Coding)
+        );
+        assert_eq!(
+            check_framing(&head(&[
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ])),
+            Err(Framing::Coding)
+        );
+        assert_eq!(
+            check_framing(&head(&[("content-length", "3, 5")])),
+            Err(Framing::Lengths)
+        );
+        assert_eq!(
+            check_framing(&head(&[("content-length", "3"), ("content-length", "4")])),
+            Err(Framing::Lengths)
+        );
     }
 }
