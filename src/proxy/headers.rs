@@ -29,6 +29,8 @@ pub enum Reject {
     HeaderBytes,
     /// A `.` or `..` path segment.
     DotSegment,
+    /// An HTTP/2 `:scheme` other than `http` or `https`.
+    Scheme,
 }
 
 impl Reject {
@@ -42,6 +44,7 @@ impl Reject {
             }
             Reject::HeaderBytes => "bad request: invalid characters in a header value\n",
             Reject::DotSegment => "bad request: \".\" and \"..\" path segments are not allowed\n",
+            Reject::Scheme => "bad request: the scheme must be http or https\n",
         }
     }
 }
@@ -62,6 +65,11 @@ pub fn check_request<B>(req: &Request<B>) -> Result<Option<&str>, Reject> {
         }
         if headers.contains_key(header::CONTENT_LENGTH) {
             return Err(Reject::LengthAndEncoding);
+        }
+    }
+    if let Some(scheme) = req.uri().scheme_str() {
+        if !scheme.eq_ignore_ascii_case("https") && !scheme.eq_ignore_ascii_case("http") {
+            return Err(Reject::Scheme);
         }
     }
     let authority = req.uri().authority().map(|a| a.as_str());
@@ -93,6 +101,26 @@ pub fn check_request<B>(req: &Request<B>) -> Result<Option<&str>, Reject> {
             let name = strip_port(h).ok_or(Reject::Host)?;
             Ok(Some(name))
         }
+    }
+}
+
+/// Joins several `Cookie` fields into one `Cookie: a=1; b=2`, as an
+/// HTTP/1.1 upstream expects (RFC 9113 §8.2.3: HTTP/2 clients may split
+/// cookies into fields of their own). No allocation with zero or one field.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for v in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(v.as_bytes());
+    }
+    if let Ok(v) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, v);
     }
 }
 

@@ -154,6 +154,8 @@ pub async fn forward(
     let h2 = group.is_h2();
     if h2 {
         parts.headers.remove(header::HOST);
+    } else {
+        headers::join_cookies(&mut parts.headers);
     }
     let preserved = if cfg.preserve_host {
         original_host
