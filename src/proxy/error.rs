@@ -144,6 +144,24 @@ impl ProxyError {
         }
     }
 
+    /// The gRPC status code of the answer to a gRPC call: 4
+    /// DEADLINE_EXCEEDED for timeouts, 14 UNAVAILABLE for an upstream that
+    /// cannot be reached, 3 INVALID_ARGUMENT for a malformed request, 13
+    /// INTERNAL otherwise.
+    pub fn grpc_status(&self) -> u16 {
+        match self.kind {
+            ErrorKind::Timeout | ErrorKind::BodyTimeout => 4,
+            ErrorKind::Connect | ErrorKind::Protocol | ErrorKind::NoUpstream { .. } => 14,
+            ErrorKind::BadBody | ErrorKind::BadRequest => 3,
+            ErrorKind::UpgradeToH2 | ErrorKind::UnaskedUpgrade => 13,
+        }
+    }
+
+    /// `grpc-message`: [`ProxyError::message`] without its newline.
+    pub fn grpc_message(&self) -> &'static str {
+        self.message().trim_end()
+    }
+
     /// Whether the client's connection must close after the answer (its
     /// request stream is in an unknown state).
     pub fn closes_connection(&self) -> bool {

@@ -5,12 +5,13 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Version};
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1), plus the legacy ones proxies drop.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// `Trailer` is not one: it names the trailer fields end to end, and
+/// HTTP/1.1 peers only send the fields it names.
+static HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("proxy-connection"),
     HeaderName::from_static("keep-alive"),
     header::TE,
-    header::TRAILER,
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
@@ -205,6 +206,28 @@ fn connection_has(headers: &HeaderMap, token: &str) -> bool {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Whether the request's `TE` accepts trailers (gRPC clients send
+/// `te: trailers`; it is passed on, the one `TE` value HTTP/2 allows).
+pub fn accepts_trailers(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        })
+}
+
+/// Whether the request is gRPC (`content-type: application/grpc[+proto…]`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Removes hop-by-hop headers, including those the `Connection` header names.
