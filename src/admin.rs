@@ -23,8 +23,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use serde::Serialize;
 use hyper_util::rt::TokioTimer;
+use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -69,7 +69,7 @@ const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();
-    accept_loop(listener, slots, tracker, stop, |tcp, _peer| {
+    accept_loop(listener, slots, None, tracker, stop, |tcp, _peer| {
         let state = state.clone();
         async move {
             let svc = service_fn(move |req| {
@@ -385,7 +385,10 @@ mod tests {
         assert_eq!(route(&Method::POST, "/certs/renew"), Call::NotFound);
         assert_eq!(route(&Method::POST, "/certs//renew"), Call::BadName);
         assert_eq!(route(&Method::POST, "/certs/a/b/renew"), Call::BadName);
-        assert_eq!(route(&Method::GET, "/certs/a/renew"), Call::WrongMethod("POST"));
+        assert_eq!(
+            route(&Method::GET, "/certs/a/renew"),
+            Call::WrongMethod("POST")
+        );
         assert_eq!(route(&Method::DELETE, "/reload"), Call::WrongMethod("POST"));
         assert_eq!(route(&Method::GET, "/"), Call::NotFound);
     }
@@ -396,8 +399,22 @@ mod tests {
     #[test]
     fn arbitrary_methods_and_paths_never_panic() {
         const PIECES: [&str; 16] = [
-            "/", "//", "/certs", "/certs/", "renew", "/renew", "revoke", "/revoke", "%00", "%2F",
-            "..", "é", "\u{0}", "reload", "a.example", "?force=1",
+            "/",
+            "//",
+            "/certs",
+            "/certs/",
+            "renew",
+            "/renew",
+            "revoke",
+            "/revoke",
+            "%00",
+            "%2F",
+            "..",
+            "é",
+            "\u{0}",
+            "reload",
+            "a.example",
+            "?force=1",
         ];
         let methods = [
             Method::GET,

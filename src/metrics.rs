@@ -59,6 +59,12 @@ pub struct Metrics {
     pub config_reloads: IntCounterVec,
     /// Requests refused before routing (malformed/ambiguous).
     pub bad_requests: IntCounter,
+    /// Connections closed as soon as accepted, by reason (per-address and
+    /// handshake budgets).
+    pub connections_refused: IntCounterVec,
+    /// Idle keep-alive connections closed to admit new ones at the
+    /// connection cap.
+    pub connections_shed: IntCounter,
     /// Requests over a rate limit, by site, route, limit and mode
     /// (`enforce`: rejected with 429; `shadow`: logged only).
     pub ratelimit_limited: IntCounterVec,
@@ -150,6 +156,19 @@ impl Metrics {
             "Requests refused with 400 before routing (ambiguous framing, bad Host)",
         )
         .expect("valid metric");
+        let connections_refused = IntCounterVec::new(
+            Opts::new(
+                "portcullis_connections_refused_total",
+                "Connections closed as soon as accepted, by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid metric");
+        let connections_shed = IntCounter::new(
+            "portcullis_connections_shed_total",
+            "Idle keep-alive connections closed to admit new ones at the connection cap",
+        )
+        .expect("valid metric");
         let ratelimit_limited = IntCounterVec::new(
             Opts::new(
                 "portcullis_ratelimit_limited_total",
@@ -187,6 +206,8 @@ impl Metrics {
             Box::new(upstream_errors.clone()),
             Box::new(config_reloads.clone()),
             Box::new(bad_requests.clone()),
+            Box::new(connections_refused.clone()),
+            Box::new(connections_shed.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -209,6 +230,8 @@ impl Metrics {
             upstream_errors,
             config_reloads,
             bad_requests,
+            connections_refused,
+            connections_shed,
             ratelimit_limited,
             ratelimit_tracked,
             acme_renewals,

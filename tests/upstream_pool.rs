@@ -618,8 +618,15 @@ async fn a_malformed_client_chunk_gets_400_and_its_upstream_connection_is_not_re
     ev.changed();
 
     let (mut send, _conn) = h1_client(&proxy, &pki).await;
-    assert_eq!(h1_get(&mut send, "/small").await, (200, Bytes::from_static(SMALL)));
-    assert_eq!(ev.accepted(), 2, "the aborted connection must not be reused");
+    assert_eq!(
+        h1_get(&mut send, "/small").await,
+        (200, Bytes::from_static(SMALL))
+    );
+    assert_eq!(
+        ev.accepted(),
+        2,
+        "the aborted connection must not be reused"
+    );
     assert_eq!(ev.paths(1), ["/small"]);
 }
 

@@ -409,8 +409,19 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Most header fields in one request.
     pub max_headers: usize,
-    /// Most concurrent downstream connections; more wait in the backlog.
+    /// Most concurrent downstream connections; at the cap, the longest
+    /// idle keep-alive connections are closed to admit new ones, and new
+    /// ones wait in the backlog until a slot frees.
     pub max_connections: usize,
+    /// Most concurrent connections from one client address (IPv6: one
+    /// /64); more are closed at once.
+    pub max_connections_per_ip: usize,
+    /// Most TLS handshakes under way at once (a budget of its own, smaller
+    /// than `max_connections`, so silent connections cannot take every
+    /// slot); more are closed at once.
+    pub max_pending_handshakes: usize,
+    /// Most TLS handshakes under way from one client address.
+    pub max_pending_handshakes_per_ip: usize,
     /// Idle pooled connections kept per upstream.
     pub max_upstream_idle_per_host: usize,
 }
@@ -421,6 +432,9 @@ impl Default for Limits {
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_connections: 10_000,
+            max_connections_per_ip: 1_000,
+            max_pending_handshakes: 1_000,
+            max_pending_handshakes_per_ip: 64,
             max_upstream_idle_per_host: 256,
         }
     }

@@ -67,6 +67,9 @@ pub(crate) struct RawLimits {
     pub max_header_bytes: Option<Spanned<i64>>,
     pub max_headers: Option<Spanned<i64>>,
     pub max_connections: Option<Spanned<i64>>,
+    pub max_connections_per_ip: Option<Spanned<i64>>,
+    pub max_pending_handshakes: Option<Spanned<i64>>,
+    pub max_pending_handshakes_per_ip: Option<Spanned<i64>>,
     pub max_upstream_idle_per_host: Option<Spanned<i64>>,
 }
 

@@ -415,6 +415,27 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
             10_000_000,
             dl.max_connections,
         ),
+        max_connections_per_ip: cx.count(
+            &l.max_connections_per_ip,
+            "limits.max_connections_per_ip",
+            1,
+            10_000_000,
+            dl.max_connections_per_ip,
+        ),
+        max_pending_handshakes: cx.count(
+            &l.max_pending_handshakes,
+            "limits.max_pending_handshakes",
+            1,
+            10_000_000,
+            dl.max_pending_handshakes,
+        ),
+        max_pending_handshakes_per_ip: cx.count(
+            &l.max_pending_handshakes_per_ip,
+            "limits.max_pending_handshakes_per_ip",
+            1,
+            10_000_000,
+            dl.max_pending_handshakes_per_ip,
+        ),
         max_upstream_idle_per_host: cx.count(
             &l.max_upstream_idle_per_host,
             "limits.max_upstream_idle_per_host",

@@ -186,7 +186,9 @@ pub fn is_timeout(e: &(dyn StdError + 'static)) -> bool {
 pub fn sources<'a>(
     e: &'a (dyn StdError + 'static),
 ) -> impl Iterator<Item = &'a (dyn StdError + 'static)> {
-    std::iter::successors(Some(e), |err: &&'a (dyn StdError + 'static)| (*err).source())
+    std::iter::successors(Some(e), |err: &&'a (dyn StdError + 'static)| {
+        (*err).source()
+    })
 }
 
 /// `e: source: source...` on one line, for logs.

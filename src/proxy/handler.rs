@@ -144,9 +144,7 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.rt.metrics.in_flight.dec();
         let shared = &self.0.shared;
-        shared
-            .last_done_ms
-            .store(now_ms(), Ordering::Release);
+        shared.last_done_ms.store(now_ms(), Ordering::Release);
         shared.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -13,7 +13,8 @@
 //!    stream and its head scanner), [`headers`] (request checks, header
 //!    rewriting), [`context`] (the peer, and the client worked out once per
 //!    request), [`error`] ([`error::ProxyError`]: origin and kind, mapped to
-//!    a status and a metric label in one place).
+//!    a status and a metric label in one place), [`admission`] (who may
+//!    connect: per-address and handshake budgets, idle shedding).
 //! 2. [`ratelimit`] (limiters) and [`upstream`] (groups, pools, health,
 //!    forwarding): leaves and config only. `upstream::forward(req,
 //!    &ForwardCtx, &Group)` returns the upstream's response or a
@@ -27,6 +28,7 @@
 //! 6. [`server`]: the one accept loop (HTTPS, plain HTTP and the admin
 //!    listener) and the connection drivers.
 
+pub mod admission;
 pub mod body;
 pub mod clock;
 pub mod context;

@@ -13,7 +13,11 @@ use super::headers::strip_port;
 use crate::certstore::CertStore;
 
 /// The answer to one plain-HTTP request.
-pub fn answer<B>(certs: &CertStore, req: &Request<B>, https_port: Option<u16>) -> Response<ResponseBody> {
+pub fn answer<B>(
+    certs: &CertStore,
+    req: &Request<B>,
+    https_port: Option<u16>,
+) -> Response<ResponseBody> {
     acme_http01(certs, req).unwrap_or_else(|| redirect(req, https_port))
 }
 
@@ -23,10 +27,7 @@ const ACME_CHALLENGE_PREFIX: &str = "/.well-known/acme-challenge/";
 /// The key authorization for an HTTP-01 token the ACME manager is proving
 /// right now; `None` (so the request gets the usual redirect) for anything
 /// else, including unknown tokens.
-pub fn acme_http01<B>(
-    certs: &CertStore,
-    req: &Request<B>,
-) -> Option<Response<ResponseBody>> {
+pub fn acme_http01<B>(certs: &CertStore, req: &Request<B>) -> Option<Response<ResponseBody>> {
     let token = req.uri().path().strip_prefix(ACME_CHALLENGE_PREFIX)?;
     if !matches!(*req.method(), http::Method::GET | http::Method::HEAD)
         || token.is_empty()

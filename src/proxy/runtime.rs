@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use prometheus::IntCounter;
 
+use super::admission::{Admission, Refusal, Shedder};
 use super::error::UpstreamErrorKind;
 use super::route::Snapshot;
 use super::tls::{self, HandshakeFailure};
@@ -38,6 +39,10 @@ pub struct Runtime {
     pub tracker: TaskTracker,
     /// Cancelled to start a graceful shutdown of every connection.
     pub shutdown: CancellationToken,
+    /// Per-address and handshake budgets.
+    pub admission: Arc<Admission>,
+    /// Closes idle connections to make room at the connection cap.
+    pub shedder: Arc<Shedder>,
     /// Traffic metrics.
     pub metrics: Arc<Metrics>,
     /// Per-connection and error counters, resolved once (no label lookup
@@ -58,6 +63,8 @@ pub struct Counters {
     pub upstream_errors: [IntCounter; 3],
     /// Requests that matched no route (labels `-`).
     pub unrouted: RouteMetrics,
+    /// `portcullis_connections_refused_total`, indexed as [`Refusal::ALL`].
+    refused: [IntCounter; 3],
 }
 
 impl Counters {
@@ -70,7 +77,13 @@ impl Counters {
             upstream_errors: UpstreamErrorKind::ALL
                 .map(|k| m.upstream_errors.with_label_values(&[k.as_str()])),
             unrouted: RouteMetrics::default(),
+            refused: Refusal::ALL.map(|r| m.connections_refused.with_label_values(&[r.as_str()])),
         }
+    }
+
+    /// Counts a connection refused at accept.
+    pub fn refused(&self, why: Refusal) {
+        self.refused[why as usize].inc();
     }
 
     /// Counts a completed handshake.
@@ -106,15 +119,18 @@ impl Runtime {
             conn_limit: Arc::new(Semaphore::new(config.limits.max_connections)),
             tracker: TaskTracker::new(),
             shutdown,
+            admission: Default::default(),
+            shedder: Default::default(),
             counters: Counters::new(&metrics),
             metrics,
         });
         let weak = Arc::downgrade(&rt);
-        rt.metrics.register_collector(Box::new(Collector::new(Box::new(move || {
-            weak.upgrade()
-                .map(|rt| rt.snapshot.load().groups().cloned().collect())
-                .unwrap_or_default()
-        }))));
+        rt.metrics
+            .register_collector(Box::new(Collector::new(Box::new(move || {
+                weak.upgrade()
+                    .map(|rt| rt.snapshot.load().groups().cloned().collect())
+                    .unwrap_or_default()
+            }))));
         rt.health.sync(rt.snapshot.load().groups(), &rt.shutdown);
         Ok(rt)
     }

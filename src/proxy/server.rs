@@ -21,10 +21,11 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::admission::{Admitted, Shedder};
 use super::clock::{instant_of, now_ms};
 use super::context::Peer;
 use super::handler::{self, ConnCtx};
@@ -33,11 +34,43 @@ use super::redirect;
 use super::runtime::Runtime;
 use super::tls;
 
+/// How long the accept loop waits for a free slot before it asks idle
+/// connections to make room, and again between each step.
+const SHED_STEP: Duration = Duration::from_millis(50);
+
+/// Makes room at the connection cap: asks connections idle for at least
+/// half of `idle`, then a quarter, and so on down to any idle connection,
+/// one step every [`SHED_STEP`], until a slot frees.
+pub struct Shed {
+    /// Where the request goes.
+    pub shedder: Arc<Shedder>,
+    /// The keep-alive idle timeout (the first cutoff is half of it).
+    pub idle: Duration,
+}
+
+async fn acquire(slots: &Arc<Semaphore>, shed: Option<&Shed>) -> Option<OwnedSemaphorePermit> {
+    let Some(shed) = shed else {
+        return slots.clone().acquire_owned().await.ok();
+    };
+    let mut idle_ms = shed.idle.as_millis() as u64;
+    loop {
+        match tokio::time::timeout(SHED_STEP, slots.clone().acquire_owned()).await {
+            Ok(p) => return p.ok(),
+            Err(_) => {
+                idle_ms /= 2;
+                shed.shedder.shed_idle_for(idle_ms);
+            }
+        }
+    }
+}
+
 /// Accepts on `listener` until `stop` is cancelled; each connection runs
 /// `serve(tcp, peer)` in a task of `tracker`, holding one of `slots`.
+/// With `shed`, a full budget closes idle connections to make room.
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     slots: Arc<Semaphore>,
+    shed: Option<Shed>,
     tracker: TaskTracker,
     stop: CancellationToken,
     serve: F,
@@ -49,7 +82,7 @@ pub async fn accept_loop<F, Fut>(
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => break,
-            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            p = acquire(&slots, shed.as_ref()) => match p { Some(p) => p, None => break },
         };
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => break,
@@ -75,11 +108,40 @@ pub async fn accept_loop<F, Fut>(
 
 /// Accepts TLS connections on `listener` until `stop` is cancelled.
 pub async fn serve_https(listener: TcpListener, rt: Arc<Runtime>, stop: CancellationToken) {
-    let (slots, tracker) = (rt.conn_limit.clone(), rt.tracker.clone());
-    accept_loop(listener, slots, tracker, stop, |tcp, peer| {
-        serve_tls_conn(tcp, peer, rt.clone())
+    let (slots, tracker, shed) = (rt.conn_limit.clone(), rt.tracker.clone(), shed_of(&rt));
+    accept_loop(listener, slots, Some(shed), tracker, stop, |tcp, peer| {
+        let admitted = admit(&rt, peer, true);
+        let rt = rt.clone();
+        async move {
+            if let Some(a) = admitted {
+                serve_tls_conn(tcp, peer, rt, a).await;
+            }
+        }
     })
     .await;
+}
+
+fn shed_of(rt: &Runtime) -> Shed {
+    Shed {
+        shedder: rt.shedder.clone(),
+        idle: rt.snapshot.load().timeouts.idle,
+    }
+}
+
+/// Admits a connection from `peer`, or counts and logs its refusal (the
+/// caller then drops the socket, which closes it).
+fn admit(rt: &Arc<Runtime>, peer: SocketAddr, tls: bool) -> Option<Admitted> {
+    match rt
+        .admission
+        .admit(peer.ip(), tls, &rt.snapshot.load().limits)
+    {
+        Ok(a) => Some(a),
+        Err(why) => {
+            rt.counters.refused(why);
+            tracing::debug!(%peer, reason = why.as_str(), "connection refused");
+            None
+        }
+    }
 }
 
 /// Accepts plain-HTTP connections (redirects and HTTP-01 answers) until
@@ -90,9 +152,15 @@ pub async fn serve_http(
     https_port: Option<u16>,
     stop: CancellationToken,
 ) {
-    let (slots, tracker) = (rt.conn_limit.clone(), rt.tracker.clone());
-    accept_loop(listener, slots, tracker, stop, |tcp, _peer| {
-        serve_plain_conn(tcp, rt.clone(), https_port)
+    let (slots, tracker, shed) = (rt.conn_limit.clone(), rt.tracker.clone(), shed_of(&rt));
+    accept_loop(listener, slots, Some(shed), tracker, stop, |tcp, peer| {
+        let admitted = admit(&rt, peer, false);
+        let rt = rt.clone();
+        async move {
+            if let Some(_admitted) = admitted {
+                serve_plain_conn(tcp, rt, https_port).await;
+            }
+        }
     })
     .await;
 }
@@ -140,23 +208,32 @@ async fn serve_plain_conn(tcp: TcpStream, rt: Arc<Runtime>, https_port: Option<u
     .await;
 }
 
-async fn serve_tls_conn(tcp: TcpStream, peer: SocketAddr, rt: Arc<Runtime>) {
+async fn serve_tls_conn(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    rt: Arc<Runtime>,
+    mut admitted: Admitted,
+) {
     let _open = OpenConn::new(&rt.metrics.connections);
     let snap = rt.snapshot.load_full();
     // A handshake still under way when shutdown starts is abandoned: no
     // request has been sent on it yet, and it would otherwise hold the
     // shutdown for up to the handshake timeout.
     let accept = tls::accept(tcp, &rt.tls, &rt.certs, snap.timeouts.tls_handshake);
-    let stream = tokio::select! {
-        r = accept => match r {
-            Ok(s) => s,
-            Err(reason) => {
-                rt.counters.handshake_failure(reason);
-                tracing::debug!(%peer, reason = reason.as_str(), "TLS handshake failed");
-                return;
-            }
-        },
-        _ = rt.shutdown.cancelled() => {
+    let outcome = tokio::select! {
+        r = accept => Some(r),
+        _ = rt.shutdown.cancelled() => None,
+    };
+    // Handshake over: its budgets are free for the next client.
+    admitted.handshake_done();
+    let stream = match outcome {
+        Some(Ok(s)) => s,
+        Some(Err(reason)) => {
+            rt.counters.handshake_failure(reason);
+            tracing::debug!(%peer, reason = reason.as_str(), "TLS handshake failed");
+            return;
+        }
+        None => {
             tracing::debug!(%peer, "shutting down; TLS handshake abandoned");
             return;
         }
@@ -255,6 +332,15 @@ pub(crate) async fn drive<F, E>(
                     "shutdown grace period over; dropping the connection"
                 );
                 return;
+            }
+            _ = rt.shedder.requested(), if !closing => {
+                if shared.in_flight.load(Ordering::Acquire) == 0
+                    && rt.shedder.applies_to(shared.last_done_ms.load(Ordering::Acquire))
+                {
+                    closing = true;
+                    rt.metrics.connections_shed.inc();
+                    graceful(conn.as_mut());
+                }
             }
             _ = tokio::time::sleep_until(idle_at.into()), if !closing => {
                 let quiet = shared.in_flight.load(Ordering::Acquire) == 0

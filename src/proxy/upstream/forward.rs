@@ -88,9 +88,10 @@ fn is_idempotent(m: &Method) -> bool {
 fn hash_key(group: &Group, client: Client, headers: &http::HeaderMap) -> u64 {
     match &group.config.lb {
         LbPolicy::HashIp => balance::hash_ip(client.ip),
-        LbPolicy::HashHeader(h) => headers
-            .get(h)
-            .map_or_else(|| balance::hash_ip(client.ip), |v| balance::hash_bytes(v.as_bytes())),
+        LbPolicy::HashHeader(h) => headers.get(h).map_or_else(
+            || balance::hash_ip(client.ip),
+            |v| balance::hash_bytes(v.as_bytes()),
+        ),
         _ => 0,
     }
 }
@@ -263,7 +264,10 @@ pub async fn forward(
         // upstream request was aborted with it and its connection is not
         // reused (the pool never gets it back).
         if has_source::<BodyTimeout>(&e) {
-            return Err(ProxyError::new(ErrorKind::BodyTimeout, Some(up.label.clone())));
+            return Err(ProxyError::new(
+                ErrorKind::BodyTimeout,
+                Some(up.label.clone()),
+            ));
         }
         if has_source::<ClientBodyError>(&e) {
             tracing::debug!(upstream = %up.label, error = %error_chain(&e), "malformed request body; upstream request aborted");

@@ -323,7 +323,10 @@ mod tests {
             Ok(())
         );
         assert_eq!(
-            check_framing(&head(&[("content-length", "3"), ("transfer-encoding", "chunked")])),
+            check_framing(&head(&[
+                ("content-length", "3"),
+                ("transfer-encoding", "chunked")
+            ])),
             Err(Framing::LengthAndEncoding)
         );
         assert_eq!(

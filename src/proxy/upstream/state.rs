@@ -97,12 +97,7 @@ impl UpstreamState {
     /// `failures` of them in a row within `window`, the upstream is out for
     /// `cooldown`; then it is tried again, and one more failure right after
     /// puts it back out.
-    pub(crate) fn passive_failure(
-        &self,
-        p: &PassiveHealth,
-        now: u64,
-        who: &Labels<'_>,
-    ) {
+    pub(crate) fn passive_failure(&self, p: &PassiveHealth, now: u64, who: &Labels<'_>) {
         if p.failures == 0 {
             return;
         }
@@ -205,7 +200,6 @@ impl Drop for InFlight {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
-
 
 #[cfg(test)]
 mod tests {
