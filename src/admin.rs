@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::HeaderName;
 use http::{header, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -31,6 +32,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::certstore::{watch, CertSource};
+use crate::config::AdminAccess;
 use crate::control::{Control, ReloadReport, ReloadStatus};
 use crate::metrics::Metrics;
 use crate::proxy::server::accept_loop;
@@ -61,16 +63,21 @@ impl AdminState {
 /// drained.
 pub const MAX_CONNECTIONS: usize = 64;
 
-/// How long an admin client may take to send a request head.
-const HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
 /// Serves the admin API until `stop` is cancelled, through the proxy's
-/// accept loop with a budget of [`MAX_CONNECTIONS`].
+/// accept loop with a budget of [`MAX_CONNECTIONS`]; a request head must
+/// arrive within `timeouts.request_header`.
 pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let tracker = TaskTracker::new();
     accept_loop(listener, slots, None, tracker, stop, |tcp, _peer| {
         let state = state.clone();
+        let header_timeout = state
+            .control
+            .runtime()
+            .snapshot
+            .load()
+            .timeouts
+            .request_header;
         async move {
             let svc = service_fn(move |req| {
                 let state = state.clone();
@@ -78,7 +85,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_TIMEOUT)
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(tcp), svc)
                 .await;
         }
@@ -159,7 +166,11 @@ struct ReloadBody {
 }
 
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match route(req.method(), req.uri().path()) {
+    let call = route(req.method(), req.uri().path());
+    if let Err(refused) = check_access(&state.control.admin_access(), &req, &call) {
+        return refused;
+    }
+    match call {
         Call::Healthz => text(StatusCode::OK, "ok\n".into()),
         Call::Readyz => {
             if state.ready.load(Ordering::Acquire) {
@@ -253,6 +264,81 @@ async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Byt
         ),
         Call::NotFound => text(StatusCode::NOT_FOUND, "not found\n".into()),
     }
+}
+
+/// Whether `host` (a `Host` or `Origin` host, port stripped) names this
+/// admin API: an IP literal (a browser that sent one was pointed at the
+/// address itself, which DNS rebinding cannot do), `localhost`, or a name
+/// from `admin.hosts`.
+fn host_allowed(access: &AdminAccess, host: &str) -> bool {
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<std::net::IpAddr>().is_ok()
+        || host.eq_ignore_ascii_case("localhost")
+        || access.hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+}
+
+/// The host of a `Host` value or of an `Origin` URL, port stripped.
+fn host_of(value: &str) -> Option<&str> {
+    let authority = match value.split_once("://") {
+        Some((_, rest)) => rest.split('/').next()?,
+        None => value,
+    };
+    crate::proxy::headers::strip_port(authority)
+}
+
+/// Refuses requests for a foreign `Host` (DNS rebinding), state changes
+/// from a cross-site page (`Origin`), and requests without the bearer
+/// token when one is configured (`/healthz` and `/readyz` need none: they
+/// tell nothing and probes seldom carry credentials).
+fn check_access(
+    access: &AdminAccess,
+    req: &Request<Incoming>,
+    call: &Call<'_>,
+) -> Result<(), Response<Full<Bytes>>> {
+    let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let host = header(header::HOST).or_else(|| req.uri().authority().map(|a| a.as_str()));
+    if !host.and_then(host_of).is_some_and(|h| host_allowed(access, h)) {
+        return Err(text(
+            StatusCode::FORBIDDEN,
+            "this admin API answers only for its address, localhost and admin.hosts (Host refused)\n".into(),
+        ));
+    }
+    if *req.method() != Method::GET && *req.method() != Method::HEAD {
+        let cross_site = header(header::ORIGIN)
+            .is_some_and(|o| !host_of(o).is_some_and(|h| host_allowed(access, h)))
+            || header(HeaderName::from_static("sec-fetch-site")).is_some_and(|s| s == "cross-site");
+        if cross_site {
+            return Err(text(
+                StatusCode::FORBIDDEN,
+                "cross-site requests cannot change state (Origin refused)\n".into(),
+            ));
+        }
+    }
+    if let Some(token) = &access.token {
+        if matches!(call, Call::Healthz | Call::Readyz) {
+            return Ok(());
+        }
+        let given = header(header::AUTHORIZATION)
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(given.trim().as_bytes(), token.as_bytes()) {
+            let mut r = text(
+                StatusCode::UNAUTHORIZED,
+                "a bearer token is required: Authorization: Bearer <the token in admin.token_file>\n".into(),
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Bearer realm=\"portcullis admin\""),
+            );
+            return Err(r);
+        }
+    }
+    Ok(())
+}
+
+/// Compares without an early exit on the first differing byte.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// How long an admin request waits for an ACME order before answering 202

@@ -93,6 +93,8 @@ pub struct Control {
     status: Mutex<ReloadStatus>,
     /// Parent of every listener's stop token.
     stop_all: CancellationToken,
+    /// Who the admin API answers; follows reloads.
+    admin_access: arc_swap::ArcSwap<crate::config::AdminAccess>,
 }
 
 impl Control {
@@ -103,7 +105,9 @@ impl Control {
         acme: Arc<crate::acme::Manager>,
     ) -> Control {
         let config_path = config.source.is_file().then(|| config.source.clone());
+        let admin_access = arc_swap::ArcSwap::from_pointee(config.admin_access.clone());
         Control {
+            admin_access,
             config_path,
             config: tokio::sync::Mutex::new(config),
             rt,
@@ -114,6 +118,11 @@ impl Control {
             status: Mutex::new(ReloadStatus::default()),
             stop_all: CancellationToken::new(),
         }
+    }
+
+    /// Who the admin API answers (hosts, token), as of the last reload.
+    pub fn admin_access(&self) -> Arc<crate::config::AdminAccess> {
+        self.admin_access.load_full()
     }
 
     /// The certificate store.
@@ -376,6 +385,7 @@ impl Control {
             }
             self.open(cfg, sock);
         }
+        self.admin_access.store(Arc::new(new.admin_access.clone()));
         *current = new;
         drop(current);
 

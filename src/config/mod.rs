@@ -40,6 +40,8 @@ pub struct Config {
     pub state_dir: PathBuf,
     /// The admin listener; `None` when disabled.
     pub admin: Option<SocketAddr>,
+    /// Who the admin API answers.
+    pub admin_access: AdminAccess,
     /// Sockets to accept on.
     pub listeners: Vec<ListenerConfig>,
     /// Virtual hosts, in file order.
@@ -402,6 +404,19 @@ impl Default for Timeouts {
     }
 }
 
+/// Who the admin API answers, beyond its listen address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AdminAccess {
+    /// `Host` names accepted besides IP literals and `localhost`
+    /// (`admin.hosts`): a request for any other name is refused, which
+    /// stops DNS rebinding.
+    pub hosts: Vec<String>,
+    /// The bearer token every request but `/healthz` and `/readyz` must
+    /// carry (`admin.token_file`, read at load); required when the admin
+    /// listens on an address that is not loopback.
+    pub token: Option<String>,
+}
+
 /// Size and count limits.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -512,6 +527,7 @@ impl Config {
             source: PathBuf::from("<command line>"),
             state_dir,
             admin,
+            admin_access: AdminAccess::default(),
             listeners: vec![ListenerConfig {
                 addr: from,
                 protocol: ListenerProtocol::Https,

@@ -37,6 +37,10 @@ pub(crate) struct RawConfig {
 pub(crate) struct RawAdmin {
     /// `host:port`, or `"off"` to disable the admin listener.
     pub listen: Option<Spanned<String>>,
+    /// Extra `Host` names the admin answers.
+    pub hosts: Option<Vec<Spanned<String>>>,
+    /// A file holding the bearer token.
+    pub token_file: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -357,6 +357,8 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         },
     };
 
+    let admin_access = admin_access(cx, raw.admin.as_ref(), admin, &resolve);
+
     let t = raw.timeouts.unwrap_or_default();
     let d = Timeouts::default();
     let timeouts = Timeouts {
@@ -486,6 +488,7 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         source: path.to_path_buf(),
         state_dir,
         admin,
+        admin_access,
         listeners,
         sites,
         timeouts,
@@ -493,6 +496,61 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         cert_poll_interval,
         rate_limit,
     }
+}
+
+/// `admin.hosts` and `admin.token_file`; a non-loopback listener needs
+/// the token.
+fn admin_access(
+    cx: &mut Ctx<'_>,
+    raw: Option<&RawAdmin>,
+    listen: Option<SocketAddr>,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> AdminAccess {
+    let mut access = AdminAccess::default();
+    let Some(raw) = raw else { return access };
+    for (i, h) in raw.hosts.iter().flatten().enumerate() {
+        let name = h.get_ref().trim().to_ascii_lowercase();
+        let ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+        if ok {
+            access.hosts.push(name);
+        } else {
+            cx.err(
+                &h.span(),
+                &format!("admin.hosts[{i}]"),
+                format!("\"{}\" is not a host name; write a DNS name such as \"admin.internal\"", h.get_ref()),
+            );
+        }
+    }
+    if let Some(f) = &raw.token_file {
+        let path = resolve(f.get_ref());
+        match std::fs::read_to_string(&path) {
+            Ok(t) if !t.trim().is_empty() => access.token = Some(t.trim().to_string()),
+            Ok(_) => cx.err(
+                &f.span(),
+                "admin.token_file",
+                format!("\"{}\" is empty; write a long random token in it (e.g. `openssl rand -hex 32 > {}`)", path.display(), path.display()),
+            ),
+            Err(e) => cx.err(
+                &f.span(),
+                "admin.token_file",
+                format!("cannot read \"{}\": {e}", path.display()),
+            ),
+        }
+    }
+    if let (Some(addr), None) = (listen, &raw.token_file) {
+        if !addr.ip().is_loopback() {
+            let span = raw.listen.as_ref().map(|l| l.span()).unwrap_or(0..0);
+            cx.err(
+                &span,
+                "admin.listen",
+                format!("{addr} is not a loopback address: anyone who reaches it could reload the config and re-issue certificates; set admin.token_file to require a bearer token, or listen on 127.0.0.1"),
+            );
+        }
+    }
+    access
 }
 
 fn build_rate_limit_settings(
