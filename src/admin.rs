@@ -297,7 +297,10 @@ fn check_access(
 ) -> Result<(), Response<Full<Bytes>>> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     let host = header(header::HOST).or_else(|| req.uri().authority().map(|a| a.as_str()));
-    if !host.and_then(host_of).is_some_and(|h| host_allowed(access, h)) {
+    if !host
+        .and_then(host_of)
+        .is_some_and(|h| host_allowed(access, h))
+    {
         return Err(text(
             StatusCode::FORBIDDEN,
             "this admin API answers only for its address, localhost and admin.hosts (Host refused)\n".into(),

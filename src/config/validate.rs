@@ -520,7 +520,10 @@ fn admin_access(
             cx.err(
                 &h.span(),
                 &format!("admin.hosts[{i}]"),
-                format!("\"{}\" is not a host name; write a DNS name such as \"admin.internal\"", h.get_ref()),
+                format!(
+                    "\"{}\" is not a host name; write a DNS name such as \"admin.internal\"",
+                    h.get_ref()
+                ),
             );
         }
     }

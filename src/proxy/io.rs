@@ -11,7 +11,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -41,26 +41,43 @@ impl Default for ConnShared {
     }
 }
 
-/// A stream with a write timeout and an optional HTTP/1 head scanner.
+/// A stream with a write timeout and an optional HTTP/1 head scanner, which
+/// also times request heads: a head must be complete within the head
+/// timeout of its first byte. (hyper's own header timeout starts as soon as
+/// it waits for a head, so it would also cut idle keep-alive connections,
+/// which the idle timeout governs.)
 pub struct ConnIo<S> {
     inner: S,
     write_timeout: Duration,
     write_sleep: Option<Pin<Box<Sleep>>>,
     scanner: Option<Box<HeadScanner>>,
+    head_timeout: Duration,
+    /// Running while a head is partly received; `.1` is the index of that
+    /// head.
+    head_sleep: Option<(Pin<Box<Sleep>>, u64)>,
+}
+
+/// What the HTTP/1 head scanner needs.
+pub struct ScanH1 {
+    /// Shared with the service.
+    pub shared: Arc<ConnShared>,
+    /// Largest head, bytes.
+    pub max_head: usize,
+    /// A head must be complete within this of its first byte.
+    pub head_timeout: Duration,
 }
 
 impl<S> ConnIo<S> {
-    /// Wraps `inner`; `scan_h1` turns on the head scanner.
-    pub fn new(
-        inner: S,
-        write_timeout: Duration,
-        scan_h1: Option<(Arc<ConnShared>, usize)>,
-    ) -> Self {
+    /// Wraps `inner`; `scan_h1` turns on the head scanner and timer.
+    pub fn new(inner: S, write_timeout: Duration, scan_h1: Option<ScanH1>) -> Self {
+        let head_timeout = scan_h1.as_ref().map_or(Duration::MAX, |s| s.head_timeout);
         ConnIo {
             inner,
             write_timeout,
             write_sleep: None,
-            scanner: scan_h1.map(|(shared, max)| Box::new(HeadScanner::new(shared, max))),
+            scanner: scan_h1.map(|s| Box::new(HeadScanner::new(s.shared, s.max_head))),
+            head_timeout,
+            head_sleep: None,
         }
     }
 
@@ -78,13 +95,35 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
+        if Pin::new(&mut this.inner).poll_read(cx, buf)?.is_pending() {
+            if let Some((sleep, _)) = this.head_sleep.as_mut() {
+                if sleep.as_mut().poll(cx).is_ready() {
+                    this.head_sleep = None;
+                    this.scanner = None;
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "request head timed out (client too slow)",
+                    )));
+                }
+            }
+            return Poll::Pending;
+        }
         if let Some(scanner) = this.scanner.as_mut() {
             let new = &buf.filled()[before..];
             if !new.is_empty() {
                 scanner.feed(new);
+                match scanner.head_in_progress() {
+                    Some(head) => {
+                        if this.head_sleep.as_ref().is_none_or(|(_, h)| *h != head) {
+                            let sleep = Box::pin(tokio::time::sleep(this.head_timeout));
+                            this.head_sleep = Some((sleep, head));
+                        }
+                    }
+                    None => this.head_sleep = None,
+                }
                 if scanner.state == ScanState::Done {
                     this.scanner = None;
+                    this.head_sleep = None;
                 }
             }
         }
@@ -191,6 +230,11 @@ impl HeadScanner {
             shared,
             max_head,
         }
+    }
+
+    /// The index of the head being received, if one has started.
+    fn head_in_progress(&self) -> Option<u64> {
+        (self.state == ScanState::Head && !self.buf.is_empty()).then_some(self.heads)
     }
 
     fn feed(&mut self, mut data: &[u8]) {

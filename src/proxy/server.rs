@@ -29,7 +29,7 @@ use super::admission::{Admitted, Shedder};
 use super::clock::{instant_of, now_ms};
 use super::context::Peer;
 use super::handler::{self, ConnCtx};
-use super::io::{ConnIo, ConnShared};
+use super::io::{ConnIo, ConnShared, ScanH1};
 use super::redirect;
 use super::runtime::Runtime;
 use super::tls;
@@ -183,9 +183,17 @@ impl Drop for OpenConn {
 
 async fn serve_plain_conn(tcp: TcpStream, rt: Arc<Runtime>, https_port: Option<u16>) {
     let snap = rt.snapshot.load_full();
-    let shared = ConnShared::default();
+    let shared = Arc::new(ConnShared::default());
     shared.last_done_ms.store(now_ms(), Ordering::Release);
-    let io = ConnIo::new(tcp, snap.timeouts.response_write, None);
+    let io = ConnIo::new(
+        tcp,
+        snap.timeouts.response_write,
+        Some(ScanH1 {
+            shared: shared.clone(),
+            max_head: snap.limits.max_header_bytes,
+            head_timeout: snap.timeouts.request_header,
+        }),
+    );
     let rt2 = rt.clone();
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
         let answer = redirect::answer(&rt2.certs, &req, https_port);
@@ -194,7 +202,9 @@ async fn serve_plain_conn(tcp: TcpStream, rt: Arc<Runtime>, https_port: Option<u
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(snap.timeouts.request_header)
+        // Heads are timed by `ConnIo` from their first byte; idle
+        // keep-alive connections by `drive`.
+        .header_read_timeout(None)
         .max_buf_size(snap.limits.max_header_bytes.max(8192));
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let conn = std::pin::pin!(conn);
@@ -248,7 +258,11 @@ async fn serve_tls_conn(
     let io = ConnIo::new(
         stream,
         snap.timeouts.response_write,
-        (!is_h2).then(|| (shared.clone(), snap.limits.max_header_bytes)),
+        (!is_h2).then(|| ScanH1 {
+            shared: shared.clone(),
+            max_head: snap.limits.max_header_bytes,
+            head_timeout: snap.timeouts.request_header,
+        }),
     );
     let ctx = Arc::new(ConnCtx {
         rt: rt.clone(),
@@ -260,7 +274,9 @@ async fn serve_tls_conn(
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(snap.timeouts.request_header)
+        // Heads are timed by `ConnIo` from their first byte; idle
+        // keep-alive connections by `drive`.
+        .header_read_timeout(None)
         .max_buf_size(snap.limits.max_header_bytes.max(8192))
         .max_headers(snap.limits.max_headers)
         .keep_alive(true);
@@ -269,8 +285,11 @@ async fn serve_tls_conn(
         .timer(TokioTimer::new())
         .max_header_list_size(snap.limits.max_header_bytes as u32)
         .max_concurrent_streams(256)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+        // A client that stops reading stops answering pings too: it is
+        // dropped within about `response_write` (flow control keeps the
+        // socket itself from ever blocking a write).
+        .keep_alive_interval(Some(snap.timeouts.response_write / 2))
+        .keep_alive_timeout(snap.timeouts.response_write / 2);
     let conn = if is_h2 {
         builder.http2_only()
     } else {
