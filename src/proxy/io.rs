@@ -55,6 +55,8 @@ pub struct ConnIo<S> {
     /// Running while a head is partly received; `.1` is the index of that
     /// head.
     head_sleep: Option<(Pin<Box<Sleep>>, u64)>,
+    /// HTTP/2 connections: counts the client's control frames.
+    h2: Option<Box<H2Scanner>>,
 }
 
 /// What the HTTP/1 head scanner needs.
@@ -78,7 +80,15 @@ impl<S> ConnIo<S> {
             scanner: scan_h1.map(|s| Box::new(HeadScanner::new(s.shared, s.max_head))),
             head_timeout,
             head_sleep: None,
+            h2: None,
         }
+    }
+
+    /// Watches an HTTP/2 connection for control-frame floods
+    /// ([`MAX_CONTROL_FRAMES_PER_SEC`]).
+    pub fn watch_h2(mut self) -> Self {
+        self.h2 = Some(Box::new(H2Scanner::new()));
+        self
     }
 
     /// The wrapped stream.
@@ -107,6 +117,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
                 }
             }
             return Poll::Pending;
+        }
+        if let Some(h2) = this.h2.as_mut() {
+            if !h2.feed(&buf.filled()[before..]) {
+                this.h2 = None;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "HTTP/2 control-frame flood (SETTINGS/PING)",
+                )));
+            }
         }
         if let Some(scanner) = this.scanner.as_mut() {
             let new = &buf.filled()[before..];
@@ -189,6 +208,83 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for ConnIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
+/// Control frames (SETTINGS and PING that ask for an answer) one HTTP/2
+/// client may send per second before its connection is closed as a flood.
+/// Real clients send a handful per connection; a flood sends thousands.
+pub const MAX_CONTROL_FRAMES_PER_SEC: u32 = 100;
+
+/// Follows HTTP/2 frame headers on the read side, just far enough to
+/// count the control frames a client sends. The h2 stack answers each one
+/// and stops reading while the answers cannot be written; a client that
+/// floods them and never reads would hold its connection until the write
+/// timeout. This cuts it within a second of the flood. (GOAWAY
+/// `ENHANCE_YOUR_CALM` cannot be sent from here: the h2 stack owns the
+/// write side, and a frame written past it could split one of its own.)
+struct H2Scanner {
+    /// Bytes of the client preface still to skip.
+    preface: usize,
+    /// A frame header being collected.
+    header: [u8; 9],
+    have: usize,
+    /// Payload bytes still to skip.
+    skip: u64,
+    /// Control frames counted in the current one-second window.
+    control: u32,
+    window_start: std::time::Instant,
+}
+
+impl H2Scanner {
+    fn new() -> Self {
+        H2Scanner {
+            preface: 24,
+            header: [0; 9],
+            have: 0,
+            skip: 0,
+            control: 0,
+            window_start: std::time::Instant::now(),
+        }
+    }
+
+    /// Feeds bytes read from the client; `false` once it floods.
+    fn feed(&mut self, mut data: &[u8]) -> bool {
+        let skip = self.preface.min(data.len());
+        self.preface -= skip;
+        data = &data[skip..];
+        while !data.is_empty() {
+            if self.skip > 0 {
+                let take = (data.len() as u64).min(self.skip);
+                self.skip -= take;
+                data = &data[take as usize..];
+                continue;
+            }
+            let take = (9 - self.have).min(data.len());
+            self.header[self.have..self.have + take].copy_from_slice(&data[..take]);
+            self.have += take;
+            data = &data[take..];
+            if self.have < 9 {
+                break;
+            }
+            self.have = 0;
+            let h = &self.header;
+            self.skip = u64::from(h[0]) << 16 | u64::from(h[1]) << 8 | u64::from(h[2]);
+            let (kind, ack) = (h[3], h[4] & 0x1 != 0);
+            // SETTINGS (0x4) and PING (0x6) without ACK each demand an answer.
+            if matches!(kind, 0x4 | 0x6) && !ack {
+                let now = std::time::Instant::now();
+                if now.duration_since(self.window_start) >= Duration::from_secs(1) {
+                    self.window_start = now;
+                    self.control = 0;
+                }
+                self.control += 1;
+                if self.control > MAX_CONTROL_FRAMES_PER_SEC {
+                    return false;
+                }
+            }
+        }
+        true
     }
 }
 
@@ -421,6 +517,43 @@ fn trim(v: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let n = payload.len();
+        let mut f = vec![
+            (n >> 16) as u8,
+            (n >> 8) as u8,
+            n as u8,
+            kind,
+            flags,
+            0,
+            0,
+            0,
+            0,
+        ];
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn h2_scanner_counts_control_frames_split_anywhere() {
+        let mut stream = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        // Data, acks and headers do not count.
+        stream.extend(frame(0x0, 0, &[7; 100]));
+        stream.extend(frame(0x4, 1, &[]));
+        stream.extend(frame(0x6, 1, &[0; 8]));
+        for _ in 0..MAX_CONTROL_FRAMES_PER_SEC {
+            stream.extend(frame(0x6, 0, &[0; 8]));
+        }
+        for split in [1, 3, 9, 17, 1000] {
+            let mut s = H2Scanner::new();
+            assert!(stream.chunks(split).all(|c| s.feed(c)), "split {split}");
+            assert!(
+                !s.feed(&frame(0x4, 0, &[])),
+                "split {split}: one more is a flood"
+            );
+        }
+    }
 
     fn scan(chunks: &[&[u8]]) -> (u64, u64) {
         let shared = Arc::new(ConnShared::default());

@@ -264,6 +264,7 @@ async fn serve_tls_conn(
             head_timeout: snap.timeouts.request_header,
         }),
     );
+    let io = if is_h2 { io.watch_h2() } else { io };
     let ctx = Arc::new(ConnCtx {
         rt: rt.clone(),
         peer: Peer::new(peer, sni),
