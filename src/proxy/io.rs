@@ -123,7 +123,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for ConnIo<S> {
                 this.h2 = None;
                 return Poll::Ready(Err(io::Error::new(
                     io::ErrorKind::InvalidData,
-                    "HTTP/2 control-frame flood (SETTINGS/PING)",
+                    "HTTP/2 control-frame flood (SETTINGS/PING) or invalid preface",
                 )));
             }
         }
@@ -248,9 +248,16 @@ impl H2Scanner {
         }
     }
 
-    /// Feeds bytes read from the client; `false` once it floods.
+    /// Feeds bytes read from the client; `false` once it floods, or when
+    /// its connection preface is wrong (hyper's h2 server would otherwise
+    /// wait on such a connection until a timeout).
     fn feed(&mut self, mut data: &[u8]) -> bool {
+        const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
         let skip = self.preface.min(data.len());
+        let at = 24 - self.preface;
+        if data[..skip] != PREFACE[at..at + skip] {
+            return false;
+        }
         self.preface -= skip;
         data = &data[skip..];
         while !data.is_empty() {
