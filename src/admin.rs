@@ -27,7 +27,7 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::certstore::{watch, CertSource};
+use crate::certstore::{CertSource, PublishCause};
 use crate::control::{Control, ReloadReport, ReloadStatus};
 use crate::metrics::Metrics;
 
@@ -259,9 +259,7 @@ fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
         CertSource::Internal => match state.control.internal_ca() {
             Some(ca) => match ca.issue(&slot.hosts) {
                 Ok(cert) => {
-                    let serial = cert.info.serial.clone();
-                    slot.publish(cert);
-                    watch::report(store, &slot, &watch::Outcome::Published { serial: serial.clone() });
+                    let serial = store.publish(&slot, cert, PublishCause::AdminRenew);
                     json(StatusCode::OK, &serde_json::json!({ "ok": true, "name": name, "renewed": true, "serial": serial }))
                 }
                 Err(e) => json(

@@ -119,7 +119,7 @@ pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
                     allow_expired: true,
                 },
             ) {
-                Ok(c) => slot.publish(c),
+                Ok(c) => slot.install(c),
                 Err(certstore::CertError::NotIssued { .. }) => {}
                 Err(e) => {
                     slot.record_error(&e.to_string());

@@ -168,20 +168,52 @@ pub fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-/// The ACME problem type of an error, without the `urn:ietf:params:acme:error:` prefix.
-pub fn problem_type(e: &AcmeLibError) -> Option<&str> {
+/// The ACME problem types (RFC 8555 section 6.7, RFC 9773) that change
+/// what portcullis does next. Read once from the CA's answer, then
+/// matched by type, never by the text of a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The request's nonce was refused; it was not processed.
+    BadNonce,
+    /// The CA does not know the account.
+    AccountDoesNotExist,
+    /// The CA said to slow down.
+    RateLimited,
+    /// The certificate named in `replaces` was already replaced.
+    AlreadyReplaced,
+    /// The request was malformed (how some CAs refuse `replaces`).
+    Malformed,
+    /// Any other type, without its URN prefix.
+    Other(String),
+}
+
+impl Problem {
+    fn parse(urn: &str) -> Problem {
+        match urn
+            .strip_prefix("urn:ietf:params:acme:error:")
+            .unwrap_or(urn)
+        {
+            "badNonce" => Problem::BadNonce,
+            "accountDoesNotExist" => Problem::AccountDoesNotExist,
+            "rateLimited" => Problem::RateLimited,
+            "alreadyReplaced" => Problem::AlreadyReplaced,
+            "malformed" => Problem::Malformed,
+            other => Problem::Other(other.to_string()),
+        }
+    }
+}
+
+/// The ACME problem of an error, if the CA answered with one.
+pub(crate) fn problem(e: &AcmeLibError) -> Option<Problem> {
     match e {
-        AcmeLibError::Api(p) => p
-            .r#type
-            .as_deref()
-            .map(|t| t.strip_prefix("urn:ietf:params:acme:error:").unwrap_or(t)),
+        AcmeLibError::Api(p) => p.r#type.as_deref().map(Problem::parse),
         _ => None,
     }
 }
 
 /// Whether the CA refused the request's nonce (the request was not processed).
-pub fn is_bad_nonce(e: &AcmeLibError) -> bool {
-    problem_type(e) == Some("badNonce")
+pub(crate) fn is_bad_nonce(e: &AcmeLibError) -> bool {
+    problem(e) == Some(Problem::BadNonce)
 }
 
 /// Runs an instant-acme call again while the CA answers `badNonce` (up to
@@ -279,12 +311,12 @@ pub fn forget_account(storage: &Storage, config: &AcmeConfig) -> Result<(), Acme
         config.eab.as_ref().map(|e| e.kid.as_str()),
     );
     tracing::warn!(directory = %config.directory, "the CA does not know the stored ACME account; creating a new one");
-    storage.retire_account(&slug)
+    Ok(storage.retire_account(&slug)?)
 }
 
 /// Whether an error says the account does not exist (any more).
-pub fn is_account_gone(e: &AcmeLibError) -> bool {
-    matches!(problem_type(e), Some("accountDoesNotExist"))
+pub(crate) fn is_account_gone(e: &AcmeLibError) -> bool {
+    problem(e) == Some(Problem::AccountDoesNotExist)
 }
 
 /// Counts an order (for tests and the inventory).

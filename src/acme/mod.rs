@@ -32,7 +32,7 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::certstore::{self, load, watch, CertSource, CertStore, Checks, ServedCert};
+use crate::certstore::{self, load, CertSource, CertStore, Checks, PublishCause, ServedCert};
 use crate::config::{AcmeConfig, ChallengeKind, Config, HostPattern};
 use crate::metrics::Metrics;
 use client::{retry_nonce, Http};
@@ -54,8 +54,8 @@ pub enum AcmeError {
         context: String,
         /// The CA's directory URL.
         directory: String,
-        /// The ACME problem type, without its URN prefix (`rateLimited`, ...).
-        problem: Option<String>,
+        /// The ACME problem type, when the CA answered with one.
+        problem: Option<client::Problem>,
         /// The CA's words, or the network error.
         message: String,
     },
@@ -86,20 +86,32 @@ pub enum AcmeError {
     NotFound(String),
 }
 
+impl From<storage::StorageError> for AcmeError {
+    fn from(e: storage::StorageError) -> AcmeError {
+        AcmeError::Storage(e.to_string())
+    }
+}
+
 impl AcmeError {
     /// Wraps an instant-acme error with what was being done and at which CA.
     pub fn from_lib(context: &str, directory: &str, e: instant_acme::Error) -> AcmeError {
         AcmeError::Ca {
             context: context.to_string(),
             directory: directory.to_string(),
-            problem: client::problem_type(&e).map(str::to_string),
+            problem: client::problem(&e),
             message: client::chain(&e),
         }
     }
 
     /// Whether the CA said to slow down.
     pub fn rate_limited(&self) -> bool {
-        matches!(self, AcmeError::Ca { problem: Some(p), .. } if p == "rateLimited")
+        matches!(
+            self,
+            AcmeError::Ca {
+                problem: Some(client::Problem::RateLimited),
+                ..
+            }
+        )
     }
 }
 
@@ -284,7 +296,7 @@ fn specs(config: &Config) -> Vec<SiteSpec> {
                 name: s.name.clone(),
                 hosts: s.hosts.clone(),
                 config: (**a).clone(),
-                bundle: certstore::acme_bundle_path(&config.state_dir, &s.name),
+                bundle: storage::bundle_path(&config.state_dir, &s.name),
             }),
             _ => None,
         })
@@ -398,7 +410,7 @@ impl Manager {
                 return;
             }
         };
-        let site = Site {
+        let task = RenewalTask {
             spec: spec.clone(),
             storage: self.storage.clone(),
             store: self.store.clone(),
@@ -408,7 +420,7 @@ impl Manager {
             account_lock,
             account: None,
         };
-        tokio::spawn(site.run(rx, stop.clone()));
+        tokio::spawn(task.run(rx, stop.clone()));
         inner.running.insert(
             spec.name.clone(),
             Running {
@@ -496,8 +508,9 @@ enum Ari {
     Failed { recheck: SystemTime },
 }
 
-/// One site's renewal task.
-struct Site {
+/// One site's renewal task: owns its schedule, backoff and renewal
+/// information, and every order of the site goes through it.
+struct RenewalTask {
     /// What it renews.
     spec: SiteSpec,
     /// Account and certificate files.
@@ -530,12 +543,35 @@ struct State {
     rotation: usize,
 }
 
+/// The stored certificate of a site, if it is usable for its names.
+/// Blocking (reads and parses a file): runs on a blocking thread.
+fn load_current(storage: &Storage, bundle: &Path, hosts: &[HostPattern]) -> Option<Current> {
+    let pem = std::fs::read(bundle).ok()?;
+    let served = load::from_pem(
+        &pem,
+        bundle,
+        &pem,
+        bundle,
+        hosts,
+        Checks {
+            allow_expired: true,
+        },
+    )
+    .ok()?;
+    let meta = storage.load_meta(bundle);
+    Some(Current {
+        leaf: served.key.cert[0].clone(),
+        info: served.info,
+        directory: meta.map(|m| m.directory),
+    })
+}
+
 /// Renewal information is never asked for more often than this.
 const ARI_MIN_RECHECK: Duration = Duration::from_secs(60);
 /// A CA without renewal information is asked again this often.
 const ARI_UNSUPPORTED_RECHECK: Duration = Duration::from_secs(24 * 3600);
 
-impl Site {
+impl RenewalTask {
     fn name(&self) -> &str {
         &self.spec.name
     }
@@ -544,31 +580,18 @@ impl Site {
         &self.spec.config
     }
 
-    /// The stored certificate, if it is usable for this site.
-    fn load_current(&self) -> Option<Current> {
-        let pem = std::fs::read(&self.spec.bundle).ok()?;
-        let served = load::from_pem(
-            &pem,
-            &self.spec.bundle,
-            &pem,
-            &self.spec.bundle,
-            &self.spec.hosts,
-            Checks {
-                allow_expired: true,
-            },
-        )
-        .ok()?;
-        let meta = self.storage.load_meta(&self.spec.bundle);
-        Some(Current {
-            leaf: served.key.cert[0].clone(),
-            info: served.info,
-            directory: meta.map(|m| m.directory),
-        })
-    }
-
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let (storage, bundle, hosts) = (
+            self.storage.clone(),
+            self.spec.bundle.clone(),
+            self.spec.hosts.clone(),
+        );
+        let current = tokio::task::spawn_blocking(move || load_current(&storage, &bundle, &hosts))
+            .await
+            .ok()
+            .flatten();
         let mut st = State {
-            current: self.load_current(),
+            current,
             ari: Ari::Unknown,
             failures: 0,
             retry_at: None,
@@ -628,7 +651,7 @@ impl Site {
                         // answers are withdrawn when dropped).
                         let r = tokio::select! {
                             _ = stop.cancelled() => return,
-                            r = self.attempt(&mut st) => r,
+                            r = self.attempt(&mut st, PublishCause::AdminRenew) => r,
                         };
                         let r = r.map(|serial| ActionReport {
                             name: self.name().to_string(),
@@ -651,7 +674,7 @@ impl Site {
                     if SystemTime::now() >= due {
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = self.attempt(&mut st) => {}
+                            _ = self.attempt(&mut st, PublishCause::Acme) => {}
                         }
                     }
                 }
@@ -801,8 +824,8 @@ impl Site {
     }
 
     /// One order. On success the new certificate is stored and in service.
-    async fn attempt(&mut self, st: &mut State) -> Result<String, AcmeError> {
-        let result = self.order(st).await;
+    async fn attempt(&mut self, st: &mut State, cause: PublishCause) -> Result<String, AcmeError> {
+        let result = self.order(st, cause).await;
         let now = SystemTime::now();
         match &result {
             Ok(serial) => {
@@ -868,7 +891,7 @@ impl Site {
         result
     }
 
-    async fn order(&mut self, st: &mut State) -> Result<String, AcmeError> {
+    async fn order(&mut self, st: &mut State, cause: PublishCause) -> Result<String, AcmeError> {
         let mut challenges: Vec<ChallengeKind> = self.cfg().challenges.clone();
         if !challenges.is_empty() {
             let n = st.rotation % challenges.len();
@@ -930,20 +953,18 @@ impl Site {
             info: issued.served.info.clone(),
             directory: Some(meta.directory),
         });
-        self.publish(issued.served);
+        self.publish(issued.served, cause);
         Ok(serial)
     }
 
-    /// Puts a validated certificate in service through the same path as a
-    /// file reload (publish, count, log, event).
-    fn publish(&self, served: ServedCert) {
+    /// Puts a validated certificate in service through the store's one
+    /// publish path.
+    fn publish(&self, served: ServedCert, cause: PublishCause) {
         let Some(slot) = self.slot() else {
             tracing::warn!(site = %self.name(), "the site is no longer configured for ACME; the certificate is stored only");
             return;
         };
-        let serial = served.info.serial.clone();
-        slot.publish(served);
-        watch::report(&self.store, &slot, &watch::Outcome::Published { serial });
+        self.store.publish(&slot, served, cause);
     }
 
     /// Replacement first (so what is served is never the revoked one when
@@ -959,7 +980,7 @@ impl Site {
                 self.name()
             )));
         };
-        let replacement = self.attempt(st).await;
+        let replacement = self.attempt(st, PublishCause::AdminRenew).await;
         let account = self.ensure_account().await?;
         let req = RevocationRequest {
             certificate: &old.leaf,
@@ -988,9 +1009,4 @@ impl Site {
                 .map(|e| format!("revoked, but the replacement failed: {e}")),
         })
     }
-}
-
-/// Where ACME state lives under `state_dir`.
-pub fn state_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("acme")
 }

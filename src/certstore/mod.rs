@@ -14,8 +14,8 @@ pub mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -122,21 +122,6 @@ impl CertSource {
     pub fn auto_renew(&self) -> bool {
         matches!(self, CertSource::Internal | CertSource::Acme { .. })
     }
-}
-
-/// Where the ACME certificate of site `name` is stored under `state_dir`.
-pub fn acme_bundle_path(state_dir: &Path, name: &str) -> PathBuf {
-    // Site names are [A-Za-z0-9._-]; keep "." and ".." from naming a parent.
-    let dir = if name.starts_with('.') {
-        format!("_{name}")
-    } else {
-        name.to_string()
-    };
-    state_dir
-        .join("acme")
-        .join("certs")
-        .join(dir)
-        .join("cert.pem")
 }
 
 /// One certificate of a chain, as the inventory shows it.
@@ -260,8 +245,11 @@ impl CertSlot {
         self.current.load().as_ref().map(|c| c.key.clone())
     }
 
-    /// Puts a validated certificate in service and clears any pending error.
-    pub fn publish(&self, cert: ServedCert) {
+    /// Fills the slot and clears any pending error. Only for a slot being
+    /// built (not in a map in service yet: a start, a config reload, the
+    /// offline inventory); a replacement goes through [`CertStore::publish`],
+    /// which counts, logs and announces it.
+    pub(crate) fn install(&self, cert: ServedCert) {
         self.current.store(Some(Arc::new(cert)));
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.last_loaded = Some(SystemTime::now());
@@ -440,6 +428,32 @@ impl Challenges {
     }
 }
 
+/// Why a certificate replacement was published (logs; the metric keeps
+/// its one `result` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishCause {
+    /// The watcher or a reload found new certificate files.
+    File,
+    /// An ACME renewal task put a new certificate in service.
+    Acme,
+    /// `POST /certs/{name}/renew` (or `portcullis renew`).
+    AdminRenew,
+    /// The internal CA re-issued a certificate before it expires.
+    InternalCa,
+}
+
+impl PublishCause {
+    /// `file`, `acme`, `admin-renew` or `internal-ca` (logs).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishCause::File => "file",
+            PublishCause::Acme => "acme",
+            PublishCause::AdminRenew => "admin-renew",
+            PublishCause::InternalCa => "internal-ca",
+        }
+    }
+}
+
 /// Reload counters, read by the metrics collector.
 #[derive(Debug, Default)]
 pub struct CertStats {
@@ -462,6 +476,11 @@ pub struct CertStore {
     pub stats: CertStats,
     /// ACME challenge answers in progress.
     pub challenges: Challenges,
+    /// Serialises file re-reads (watcher, poll, config reload): without
+    /// it, an attempt that read older bytes could publish after one that
+    /// read newer bytes. Held across the blocking read only, on the
+    /// control path; handshakes never see it.
+    file_reloads: tokio::sync::Mutex<()>,
 }
 
 impl Default for CertStore {
@@ -471,6 +490,7 @@ impl Default for CertStore {
             events: tokio::sync::broadcast::channel(1024).0,
             stats: CertStats::default(),
             challenges: Challenges::default(),
+            file_reloads: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -479,6 +499,45 @@ impl CertStore {
     /// An empty store.
     pub fn new() -> Self {
         CertStore::default()
+    }
+
+    /// Puts a validated replacement in service: the one publish path, for
+    /// file reloads, ACME renewals, admin renewals and internal-CA
+    /// re-issues. Stores it in the slot (one `ArcSwap` store), clears the
+    /// slot's pending error, counts it, logs it and announces it. Returns
+    /// the serial. A [`ServedCert`] only exists once validated, so a bad
+    /// certificate never gets here: the previous one stays.
+    pub fn publish(&self, slot: &CertSlot, cert: ServedCert, cause: PublishCause) -> String {
+        let serial = cert.info.serial.clone();
+        let not_after = cert.info.not_after;
+        slot.install(cert);
+        self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_success.store(unix_now(), Ordering::Relaxed);
+        tracing::info!(site = %slot.name, %serial, not_after = %rfc3339(not_after), cause = cause.as_str(), "certificate replaced");
+        let _ = self.events.send(CertEvent::Published {
+            name: slot.name.clone(),
+            serial: serial.clone(),
+        });
+        serial
+    }
+
+    /// Refuses a replacement that failed validation: the previous
+    /// certificate stays. Counts it, records it on the slot, logs each
+    /// distinct failure once and announces it.
+    pub(crate) fn reject(&self, slot: &CertSlot, error: &str, cause: PublishCause) {
+        self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        if slot.record_error(error) {
+            tracing::warn!(site = %slot.name, %error, cause = cause.as_str(), "keeping previous certificate");
+        }
+        let _ = self.events.send(CertEvent::Rejected {
+            name: slot.name.clone(),
+            error: error.to_string(),
+        });
+    }
+
+    /// Serialises file re-reads; see the field.
+    pub(crate) async fn lock_file_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.file_reloads.lock().await
     }
 
     /// Receives every publish and rejection from now on.
@@ -521,7 +580,7 @@ impl CertStore {
                     if SystemTime::now() > cert.info.not_after {
                         tracing::warn!(site = %site.name, not_after = %rfc3339(cert.info.not_after), "serving an expired certificate; install a renewed one");
                     }
-                    slot.publish(cert);
+                    slot.install(cert);
                 }
                 // An ACME certificate that is missing or unusable is not a
                 // reason to refuse the config: the manager orders one.
@@ -533,7 +592,7 @@ impl CertStore {
                     let fallback = matches!(&site.tls, TlsSource::Acme(a) if a.until_issued == UntilIssued::Internal);
                     if let (true, Some(ca)) = (fallback, ca) {
                         match ca.issue(&slot.hosts) {
-                            Ok(cert) => slot.publish(cert),
+                            Ok(cert) => slot.install(cert),
                             Err(error) => errors.push(SiteCertError { origin, error }),
                         }
                     }
@@ -561,6 +620,11 @@ impl CertStore {
     /// The current map.
     pub fn map(&self) -> arc_swap::Guard<Arc<SniMap>> {
         self.map.load()
+    }
+
+    /// The current map, owned (to hand to a blocking task).
+    pub(crate) fn map_full(&self) -> Arc<SniMap> {
+        self.map.load_full()
     }
 
     /// Replaces the whole map (a config reload that changes the set of sites).
@@ -623,7 +687,7 @@ fn site_source(config: &Config, site: &crate::config::SiteConfig) -> (CertSource
         ),
         TlsSource::Acme(acme) => (
             CertSource::Acme {
-                bundle: acme_bundle_path(&config.state_dir, &site.name),
+                bundle: crate::acme::storage::bundle_path(&config.state_dir, &site.name),
                 config: acme.clone(),
             },
             acme.origin.clone(),
@@ -646,10 +710,8 @@ pub fn obtain(
         CertSource::File { cert, key } => {
             let (c, k) = (load::read(cert)?, load::read(key)?);
             let mut served = load::from_pem(&c, cert, &k, key, &slot.hosts, checks)?;
-            slot.last_hash.store(
-                watch::content_hash(&c, &k),
-                std::sync::atomic::Ordering::Release,
-            );
+            slot.last_hash
+                .store(watch::content_hash(&c, &k), Ordering::Release);
             served.info.cert_path = Some(cert.clone());
             served.info.key_path = Some(key.clone());
             Ok(served)
@@ -699,6 +761,13 @@ impl ResolvesServerCert for Resolver {
             .lookup(hello.server_name())?
             .certified_key()
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// RFC 3339 in UTC, seconds precision.
