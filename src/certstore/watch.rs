@@ -53,8 +53,8 @@ pub(crate) fn content_hash(cert: &[u8], key: &[u8]) -> u64 {
 enum Checked {
     /// Same bytes as last time, or the certificate already in service.
     Unchanged,
-    /// A new, validated certificate, to publish.
-    Ready(ServedCert),
+    /// A new, validated certificate, to publish (boxed: it is large).
+    Ready(Box<ServedCert>),
     /// The files cannot be used.
     Failed(String),
 }
@@ -95,7 +95,7 @@ fn check_files(slot: &CertSlot, force: bool) -> Checked {
                 slot.clear_error();
                 Checked::Unchanged
             } else {
-                Checked::Ready(served)
+                Checked::Ready(Box::new(served))
             }
         }
     }
@@ -137,7 +137,7 @@ async fn reload_slots(store: &CertStore, slots: Vec<Arc<CertSlot>>, force: bool)
         .map(|(slot, checked)| match checked {
             Checked::Unchanged => Outcome::Unchanged,
             Checked::Ready(served) => Outcome::Published {
-                serial: store.publish(slot, served, PublishCause::File),
+                serial: store.publish(slot, *served, PublishCause::File),
             },
             Checked::Failed(error) => {
                 store.reject(slot, &error, PublishCause::File);
