@@ -25,8 +25,10 @@ use instant_acme::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::error::AcmeError;
+pub use super::error::Problem;
+pub(crate) use super::error::{chain, problem};
 use super::storage::{account_slug, Storage, StoredAccount};
-use super::AcmeError;
 use crate::certstore::load::provider;
 use crate::config::AcmeConfig;
 
@@ -150,65 +152,6 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<SystemTime> {
     time::OffsetDateTime::parse(v, &time::format_description::well_known::Rfc2822)
         .ok()
         .map(SystemTime::from)
-}
-
-/// An error and every cause under it, joined: hyper's top-level messages
-/// ("client error (Connect)") say little on their own.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cur = s.source();
-    }
-    out
-}
-
-/// The ACME problem types (RFC 8555 section 6.7, RFC 9773) that change
-/// what portcullis does next. Read once from the CA's answer, then
-/// matched by type, never by the text of a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Problem {
-    /// The request's nonce was refused; it was not processed.
-    BadNonce,
-    /// The CA does not know the account.
-    AccountDoesNotExist,
-    /// The CA said to slow down.
-    RateLimited,
-    /// The certificate named in `replaces` was already replaced.
-    AlreadyReplaced,
-    /// The request was malformed (how some CAs refuse `replaces`).
-    Malformed,
-    /// Any other type, without its URN prefix.
-    Other(String),
-}
-
-impl Problem {
-    fn parse(urn: &str) -> Problem {
-        match urn
-            .strip_prefix("urn:ietf:params:acme:error:")
-            .unwrap_or(urn)
-        {
-            "badNonce" => Problem::BadNonce,
-            "accountDoesNotExist" => Problem::AccountDoesNotExist,
-            "rateLimited" => Problem::RateLimited,
-            "alreadyReplaced" => Problem::AlreadyReplaced,
-            "malformed" => Problem::Malformed,
-            other => Problem::Other(other.to_string()),
-        }
-    }
-}
-
-/// The ACME problem of an error, if the CA answered with one.
-pub(crate) fn problem(e: &AcmeLibError) -> Option<Problem> {
-    match e {
-        AcmeLibError::Api(p) => p.r#type.as_deref().map(Problem::parse),
-        _ => None,
-    }
 }
 
 /// Whether the CA refused the request's nonce (the request was not processed).

@@ -16,6 +16,7 @@
 //!   [`storage`]: files under `state_dir/acme/`; [`schedule`]: the timing policy.
 
 pub mod client;
+mod error;
 pub mod order;
 pub mod schedule;
 pub mod storage;
@@ -36,84 +37,8 @@ use crate::certstore::{self, load, CertSource, CertStore, Checks, PublishCause, 
 use crate::config::{AcmeConfig, ChallengeKind, Config, HostPattern};
 use crate::metrics::Metrics;
 use client::{retry_nonce, Http};
+pub use error::AcmeError;
 use storage::{CertMeta, Storage};
-
-/// Why an ACME operation failed. Each message says what to do or where to look.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AcmeError {
-    /// A setting cannot be used (unreadable `ca_root`, unknown profile).
-    #[error("{0}")]
-    Config(String),
-    /// The state directory could not be read or written.
-    #[error("{0}")]
-    Storage(String),
-    /// The CA refused or could not be reached.
-    #[error("{context} at {directory}: {message}")]
-    Ca {
-        /// What was being done.
-        context: String,
-        /// The CA's directory URL.
-        directory: String,
-        /// The ACME problem type, when the CA answered with one.
-        problem: Option<client::Problem>,
-        /// The CA's words, or the network error.
-        message: String,
-    },
-    /// The CA could not validate a challenge.
-    #[error("{} challenge for {name} failed: {message}", kind.as_str())]
-    Challenge {
-        /// Which challenge type.
-        kind: ChallengeKind,
-        /// For which name.
-        name: String,
-        /// The CA's explanation.
-        message: String,
-    },
-    /// The DNS hook failed.
-    #[error("{0}")]
-    Hook(String),
-    /// The issued certificate is not usable.
-    #[error("{0}")]
-    Issued(String),
-    /// The order took longer than `order_timeout`.
-    #[error("{0}")]
-    Timeout(String),
-    /// The CA no longer knows the stored account.
-    #[error("the CA does not know the stored account")]
-    AccountGone,
-    /// Nothing to act on (no certificate to revoke, unknown site).
-    #[error("{0}")]
-    NotFound(String),
-}
-
-impl From<storage::StorageError> for AcmeError {
-    fn from(e: storage::StorageError) -> AcmeError {
-        AcmeError::Storage(e.to_string())
-    }
-}
-
-impl AcmeError {
-    /// Wraps an instant-acme error with what was being done and at which CA.
-    pub fn from_lib(context: &str, directory: &str, e: instant_acme::Error) -> AcmeError {
-        AcmeError::Ca {
-            context: context.to_string(),
-            directory: directory.to_string(),
-            problem: client::problem(&e),
-            message: client::chain(&e),
-        }
-    }
-
-    /// Whether the CA said to slow down.
-    pub fn rate_limited(&self) -> bool {
-        matches!(
-            self,
-            AcmeError::Ca {
-                problem: Some(client::Problem::RateLimited),
-                ..
-            }
-        )
-    }
-}
 
 /// Counters of one manager (tests, logs).
 #[derive(Debug, Default)]

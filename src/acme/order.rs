@@ -17,7 +17,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::client::{self, retry_nonce};
-use super::AcmeError;
+use super::error::AcmeError;
 use crate::certstore::{load, CertStore, Checks, ServedCert};
 use crate::config::{AcmeConfig, AcmeKeyType, ChallengeKind, HostPattern};
 

@@ -7,7 +7,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::Origin;
+use super::origin::Origin;
 
 /// Let's Encrypt production.
 pub const LETSENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";

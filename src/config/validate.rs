@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -14,80 +13,30 @@ use super::raw::*;
 use super::*;
 
 mod acme;
+mod ctx;
 mod upstream;
 
-/// Collects errors with their line numbers.
-pub(super) struct Ctx<'a> {
-    file: &'a Path,
-    text: &'a str,
-    errors: Vec<ConfigError>,
-}
+use ctx::Ctx;
 
-impl Ctx<'_> {
-    fn line_of(&self, span: &Range<usize>) -> usize {
-        let end = span.start.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                origin: Origin {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    field: "file".into(),
+                },
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
     }
 
-    pub(super) fn origin(&self, span: &Range<usize>, field: &str) -> Origin {
-        Origin {
-            file: self.file.to_path_buf(),
-            line: self.line_of(span),
-            field: field.to_string(),
-        }
-    }
-
-    pub(super) fn err(&mut self, span: &Range<usize>, field: &str, message: impl Into<String>) {
-        let origin = self.origin(span, field);
-        self.errors.push(ConfigError {
-            origin,
-            message: message.into(),
-        });
-    }
-
-    fn duration(
-        &mut self,
-        v: &Option<Spanned<String>>,
-        field: &str,
-        default: Duration,
-    ) -> Duration {
-        let Some(v) = v else { return default };
-        match parse_duration(v.get_ref()) {
-            Ok(d) if d.is_zero() => {
-                self.err(&v.span(), field, "must be greater than zero");
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.err(&v.span(), field, e);
-                default
-            }
-        }
-    }
-
-    fn count(
-        &mut self,
-        v: &Option<Spanned<i64>>,
-        field: &str,
-        min: i64,
-        max: i64,
-        default: usize,
-    ) -> usize {
-        let Some(v) = v else { return default };
-        let n = *v.get_ref();
-        if n < min || n > max {
-            self.err(
-                &v.span(),
-                field,
-                format!("{n} is out of range; use a value from {min} to {max}"),
-            );
-            return default;
-        }
-        n as usize
+    /// Validates `text` as if it were the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        parse(path, text)
     }
 }
 

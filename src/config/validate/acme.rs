@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use base64::Engine as _;
 
-use super::Ctx;
+use super::ctx::Ctx;
 use crate::config::acme::{LETSENCRYPT, LETSENCRYPT_STAGING};
 use crate::config::raw::RawAcme;
 use crate::config::{
