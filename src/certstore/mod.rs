@@ -6,354 +6,41 @@
 //! Everything else here is control path: loading and validating PEM files,
 //! the internal CA, publishing a replacement into one slot without touching
 //! the others (so swapping one certificate among 10,000 is O(1)).
+//!
+//! Files, lowest first (each imports only those above it): `types` (what a
+//! certificate, a source, an error and an event are), `slot` (a slot and
+//! the SNI map), `load` (PEM parsing and validation), `internal` (the
+//! local CA), `inventory`; then this file (the store, its one publish
+//! path, building a map), and on top `watch` (file reloads) and `renew`
+//! (internal-CA re-issues), which publish through the store.
 
 pub mod internal;
 pub mod inventory;
 pub mod load;
+pub mod renew;
+mod slot;
+mod types;
 pub mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{AcmeConfig, Config, HostPattern, Origin, TlsSource, UntilIssued};
-use crate::hostmap::HostMap;
+use crate::config::{Config, Origin, TlsSource, UntilIssued};
 
 pub use internal::InternalCa;
 pub use load::Checks;
-
-/// Why a certificate could not be loaded. Each message names the file and
-/// says what to do.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CertError {
-    /// The file could not be read.
-    #[error("cannot read {}: {reason}", path.display())]
-    Read { path: PathBuf, reason: String },
-    /// The PEM is empty, damaged or holds the wrong thing.
-    #[error("{}: {reason}", path.display())]
-    Pem { path: PathBuf, reason: String },
-    /// The key is not the leaf's key.
-    #[error("the private key in {} does not match the certificate in {}; install the key that was issued with this certificate", key.display(), cert.display())]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
-    /// The leaf does not name a host of the site.
-    #[error("{}: the certificate does not cover \"{host}\" (it covers: {}); get a certificate for that name or remove it from hosts", path.display(), sans.join(", "))]
-    NotCovering {
-        path: PathBuf,
-        host: String,
-        sans: Vec<String>,
-    },
-    /// The leaf has expired.
-    #[error("{}: the certificate expired at {not_after}; install a renewed certificate", path.display())]
-    Expired { path: PathBuf, not_after: String },
-    /// The leaf is not valid yet.
-    #[error("{}: the certificate is not valid before {not_before}; check the clock or the certificate", path.display())]
-    NotYetValid { path: PathBuf, not_before: String },
-    /// Certificate `index` is not issued by the one after it.
-    #[error("{}: the chain is out of order: certificate {index} is issued by \"{issuer}\" but the next one is \"{next_subject}\"; put the leaf first, then each issuer in turn", path.display())]
-    ChainOrder {
-        path: PathBuf,
-        index: usize,
-        issuer: String,
-        next_subject: String,
-    },
-    /// The internal CA failed.
-    #[error("internal CA: {0}")]
-    Internal(String),
-    /// An ACME certificate has not been issued yet (nothing stored).
-    #[error("{}: no certificate has been issued yet", path.display())]
-    NotIssued { path: PathBuf },
-}
-
-/// A certificate failure attributed to a line of the configuration.
-#[derive(Debug, Clone)]
-pub struct SiteCertError {
-    /// The site's `tls` value.
-    pub origin: Origin,
-    /// What went wrong.
-    pub error: CertError,
-}
-
-impl fmt::Display for SiteCertError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.origin, self.error)
-    }
-}
-
-/// Where a slot's certificate comes from, as shown in the inventory and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertSource {
-    /// PEM files.
-    File {
-        /// Chain path.
-        cert: PathBuf,
-        /// Key path.
-        key: PathBuf,
-    },
-    /// The local CA.
-    Internal,
-    /// An ACME CA, through the ACME manager, which stores each chain and
-    /// its key in one file.
-    Acme {
-        /// The stored chain and key (`state_dir/acme/certs/NAME/cert.pem`).
-        bundle: PathBuf,
-        /// The site's ACME settings; a change makes a new slot.
-        config: Box<AcmeConfig>,
-    },
-}
-
-impl CertSource {
-    /// `file`, `internal` or `acme` (the metric label).
-    pub fn label(&self) -> &'static str {
-        match self {
-            CertSource::File { .. } => "file",
-            CertSource::Internal => "internal",
-            CertSource::Acme { .. } => "acme",
-        }
-    }
-
-    /// Whether portcullis renews it by itself.
-    pub fn auto_renew(&self) -> bool {
-        matches!(self, CertSource::Internal | CertSource::Acme { .. })
-    }
-}
-
-/// One certificate of a chain, as the inventory shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainEntry {
-    /// Subject common name (or the whole subject if it has no CN).
-    pub subject: String,
-    /// Issuer common name.
-    pub issuer_cn: String,
-    /// Serial, lower-case hex.
-    pub serial: String,
-    /// Start of validity.
-    pub not_before: SystemTime,
-    /// End of validity.
-    pub not_after: SystemTime,
-}
-
-/// What is known about a served chain, read once when it is loaded.
-#[derive(Debug, Clone)]
-pub struct CertInfo {
-    /// Leaf start of validity.
-    pub not_before: SystemTime,
-    /// Leaf end of validity.
-    pub not_after: SystemTime,
-    /// Leaf serial, hex.
-    pub serial: String,
-    /// Leaf issuer CN.
-    pub issuer_cn: String,
-    /// Leaf subject CN.
-    pub subject: String,
-    /// e.g. `ECDSA-P256`, `RSA-2048`.
-    pub key_type: String,
-    /// DNS (and IP) subject alternative names, lower case.
-    pub sans: Vec<String>,
-    /// The leaf.
-    pub leaf: ChainEntry,
-    /// Intermediates, in chain order.
-    pub intermediates: Vec<ChainEntry>,
-    /// Set for file sources.
-    pub cert_path: Option<PathBuf>,
-    /// Set for file sources.
-    pub key_path: Option<PathBuf>,
-}
-
-/// A validated chain and key, ready for handshakes.
-#[derive(Debug, Clone)]
-pub struct ServedCert {
-    /// What rustls serves.
-    pub key: Arc<CertifiedKey>,
-    /// What the inventory shows.
-    pub info: CertInfo,
-}
-
-/// Outcome of the last load attempt of a slot (control path).
-#[derive(Debug, Clone, Default)]
-pub struct SlotStatus {
-    /// When the current certificate was published.
-    pub last_loaded: Option<SystemTime>,
-    /// The last failure, if it is still pending (cleared by a success).
-    pub last_error: Option<String>,
-    /// When the last failure happened.
-    pub last_error_at: Option<SystemTime>,
-    /// When the certificate will be renewed (automatic sources).
-    pub next_renewal: Option<SystemTime>,
-}
-
-/// One certificate in service: the unit that is swapped.
-pub struct CertSlot {
-    /// The site's name.
-    pub name: String,
-    /// The names it must cover.
-    pub hosts: Vec<HostPattern>,
-    /// Where it comes from.
-    pub source: CertSource,
-    /// Whether it serves unknown names.
-    pub is_default: bool,
-    /// The chain in service; `None` until a first certificate exists.
-    current: ArcSwapOption<ServedCert>,
-    /// Load outcomes (control path only; never locked during a handshake).
-    status: Mutex<SlotStatus>,
-    /// Hash of the file bytes last tried, so an unchanged file is not re-parsed.
-    pub(crate) last_hash: AtomicU64,
-}
-
-impl fmt::Debug for CertSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertSlot")
-            .field("name", &self.name)
-            .field("source", &self.source)
-            .finish_non_exhaustive()
-    }
-}
-
-impl CertSlot {
-    /// A slot with nothing in service yet.
-    pub fn new(
-        name: String,
-        hosts: Vec<HostPattern>,
-        source: CertSource,
-        is_default: bool,
-    ) -> Self {
-        CertSlot {
-            name,
-            hosts,
-            source,
-            is_default,
-            current: ArcSwapOption::empty(),
-            status: Mutex::new(SlotStatus::default()),
-            last_hash: AtomicU64::new(0),
-        }
-    }
-
-    /// The chain in service.
-    pub fn current(&self) -> Option<Arc<ServedCert>> {
-        self.current.load_full()
-    }
-
-    /// What a handshake gets (hot path).
-    #[inline]
-    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.load().as_ref().map(|c| c.key.clone())
-    }
-
-    /// Fills the slot and clears any pending error. Only for a slot being
-    /// built (not in a map in service yet: a start, a config reload, the
-    /// offline inventory); a replacement goes through [`CertStore::publish`],
-    /// which counts, logs and announces it.
-    pub(crate) fn install(&self, cert: ServedCert) {
-        self.current.store(Some(Arc::new(cert)));
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.last_loaded = Some(SystemTime::now());
-        st.last_error = None;
-        st.last_error_at = None;
-    }
-
-    /// Records a failure; returns true when it differs from the pending one
-    /// (so the caller logs each distinct failure once).
-    pub fn record_error(&self, error: &str) -> bool {
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let new = st.last_error.as_deref() != Some(error);
-        st.last_error = Some(error.to_string());
-        st.last_error_at = Some(SystemTime::now());
-        new
-    }
-
-    /// Records when the certificate will next be renewed.
-    pub fn set_next_renewal(&self, at: Option<SystemTime>) {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_renewal = at;
-    }
-
-    /// Clears a pending error (the files are back to what is served).
-    pub fn clear_error(&self) {
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.last_error = None;
-        st.last_error_at = None;
-    }
-
-    /// Whether `other` describes the same certificate source for the same names.
-    pub fn same_source(&self, other: &CertSlot) -> bool {
-        self.name == other.name
-            && self.hosts == other.hosts
-            && self.source == other.source
-            && self.is_default == other.is_default
-    }
-
-    /// A copy of the status.
-    pub fn status(&self) -> SlotStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-/// The SNI map: names to slots. Replaced as a whole only when the set of
-/// sites changes; a certificate replacement goes into its slot instead.
-#[derive(Debug, Default)]
-pub struct SniMap {
-    /// Names to slots.
-    hosts: HostMap<Arc<CertSlot>>,
-    /// Every slot, in config order.
-    slots: Vec<Arc<CertSlot>>,
-}
-
-impl SniMap {
-    /// Builds a map over `slots` (the first `is_default` one is the default).
-    pub fn new(slots: Vec<Arc<CertSlot>>) -> Self {
-        let mut hosts = HostMap::default();
-        for slot in &slots {
-            for h in &slot.hosts {
-                hosts.insert(h, slot.clone());
-            }
-            if slot.is_default && hosts.default_value().is_none() {
-                hosts.set_default(slot.clone());
-            }
-        }
-        SniMap { hosts, slots }
-    }
-
-    /// The slot for an SNI name (hot path).
-    #[inline]
-    pub fn lookup(&self, sni: Option<&str>) -> Option<&Arc<CertSlot>> {
-        self.hosts.lookup(sni)
-    }
-
-    /// Every slot.
-    pub fn slots(&self) -> &[Arc<CertSlot>] {
-        &self.slots
-    }
-}
-
-/// Something happened to a certificate (for tests, the admin API and logs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertEvent {
-    /// A new certificate went into service.
-    Published {
-        /// Slot name.
-        name: String,
-        /// New serial.
-        serial: String,
-    },
-    /// A replacement was refused; the previous certificate stays.
-    Rejected {
-        /// Slot name.
-        name: String,
-        /// Why.
-        error: String,
-    },
-}
+pub use slot::{CertSlot, SlotStatus, SniMap};
+pub use types::{
+    rfc3339, CertError, CertEvent, CertInfo, CertSource, ChainEntry, PublishCause, ServedCert,
+    SiteCertError,
+};
 
 /// Answers to ACME challenges in progress. The ACME manager (control path)
 /// adds and removes them; the listeners read them only for requests that
@@ -425,32 +112,6 @@ impl Challenges {
             m.remove(&name.to_ascii_lowercase());
             m
         });
-    }
-}
-
-/// Why a certificate replacement was published (logs; the metric keeps
-/// its one `result` label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PublishCause {
-    /// The watcher or a reload found new certificate files.
-    File,
-    /// An ACME renewal task put a new certificate in service.
-    Acme,
-    /// `POST /certs/{name}/renew` (or `portcullis renew`).
-    AdminRenew,
-    /// The internal CA re-issued a certificate before it expires.
-    InternalCa,
-}
-
-impl PublishCause {
-    /// `file`, `acme`, `admin-renew` or `internal-ca` (logs).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            PublishCause::File => "file",
-            PublishCause::Acme => "acme",
-            PublishCause::AdminRenew => "admin-renew",
-            PublishCause::InternalCa => "internal-ca",
-        }
     }
 }
 
@@ -664,7 +325,7 @@ impl CertStore {
         self.map
             .load()
             .lookup(sni)
-            .is_some_and(|slot| slot.current.load().is_some())
+            .is_some_and(|slot| slot.has_cert())
     }
 }
 
@@ -711,7 +372,7 @@ pub fn obtain(
             let (c, k) = (load::read(cert)?, load::read(key)?);
             let mut served = load::from_pem(&c, cert, &k, key, &slot.hosts, checks)?;
             slot.last_hash
-                .store(watch::content_hash(&c, &k), Ordering::Release);
+                .store(load::content_hash(&c, &k), Ordering::Release);
             served.info.cert_path = Some(cert.clone());
             served.info.key_path = Some(key.clone());
             Ok(served)
@@ -768,19 +429,4 @@ fn unix_now() -> u64 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// RFC 3339 in UTC, seconds precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
 }

@@ -7,7 +7,6 @@
 //! no events. Control path only.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -42,13 +41,6 @@ pub enum Outcome {
     },
 }
 
-pub(crate) fn content_hash(cert: &[u8], key: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    cert.hash(&mut h);
-    key.hash(&mut h);
-    h.finish()
-}
-
 /// What reading a file slot's files found.
 enum Checked {
     /// Same bytes as last time, or the certificate already in service.
@@ -74,7 +66,7 @@ fn check_files(slot: &CertSlot, force: bool) -> Checked {
         }
         (Ok(c), Ok(k)) => (c, k),
     };
-    let hash = content_hash(&c, &k);
+    let hash = load::content_hash(&c, &k);
     if !force && slot.last_hash.swap(hash, Ordering::AcqRel) == hash {
         return Checked::Unchanged;
     }

@@ -489,7 +489,7 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         for name in ["quickstart.toml", "reference.toml"] {
             let c = Config::load(&root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!c.sites.is_empty(), "{name}");
