@@ -15,11 +15,11 @@
 //! - [`order`]: one order; [`client`]: HTTP, account, `badNonce` retries;
 //!   [`storage`]: files under `state_dir/acme/`; [`schedule`]: the timing policy.
 
-pub mod client;
+pub(crate) mod client;
 mod error;
-pub mod order;
-pub mod schedule;
-pub mod storage;
+pub(crate) mod order;
+pub(crate) mod schedule;
+pub(crate) mod storage;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

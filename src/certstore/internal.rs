@@ -144,7 +144,7 @@ impl InternalCa {
 }
 
 /// When an internal certificate is re-issued: with a third of its life left.
-pub fn renew_at(info: &CertInfo) -> SystemTime {
+pub(crate) fn renew_at(info: &CertInfo) -> SystemTime {
     let life = info
         .not_after
         .duration_since(info.not_before)

@@ -17,7 +17,7 @@
 pub mod internal;
 pub mod inventory;
 pub mod load;
-pub mod renew;
+pub(crate) mod renew;
 mod slot;
 mod types;
 pub mod watch;
@@ -209,7 +209,7 @@ impl CertStore {
     /// Builds the slots for `config`, reusing `previous` slots whose source
     /// and names did not change (their certificates are not re-read).
     /// Nothing is published; all failures are returned together.
-    pub fn build_map(
+    pub(crate) fn build_map(
         config: &Config,
         ca: Option<&InternalCa>,
         previous: Option<&SniMap>,
@@ -270,7 +270,7 @@ impl CertStore {
     }
 
     /// Loads every site's certificate. All failures are returned together.
-    pub fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
+    pub(crate) fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
         let store = CertStore::new();
         store
             .map
@@ -357,12 +357,12 @@ fn site_source(config: &Config, site: &crate::config::SiteConfig) -> (CertSource
 }
 
 /// The certificate source of a configured site.
-pub fn source_of(config: &Config, site: &crate::config::SiteConfig) -> CertSource {
+pub(crate) fn source_of(config: &Config, site: &crate::config::SiteConfig) -> CertSource {
     site_source(config, site).0
 }
 
 /// Produces a certificate for a slot from its source.
-pub fn obtain(
+pub(crate) fn obtain(
     slot: &CertSlot,
     ca: Option<&InternalCa>,
     checks: Checks,

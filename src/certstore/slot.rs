@@ -98,7 +98,7 @@ impl CertSlot {
 
     /// Records a failure; returns true when it differs from the pending one
     /// (so the caller logs each distinct failure once).
-    pub fn record_error(&self, error: &str) -> bool {
+    pub(crate) fn record_error(&self, error: &str) -> bool {
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         let new = st.last_error.as_deref() != Some(error);
         st.last_error = Some(error.to_string());
@@ -107,7 +107,7 @@ impl CertSlot {
     }
 
     /// Records when the certificate will next be renewed.
-    pub fn set_next_renewal(&self, at: Option<SystemTime>) {
+    pub(crate) fn set_next_renewal(&self, at: Option<SystemTime>) {
         self.status
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -115,7 +115,7 @@ impl CertSlot {
     }
 
     /// Clears a pending error (the files are back to what is served).
-    pub fn clear_error(&self) {
+    pub(crate) fn clear_error(&self) {
         let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
         st.last_error = None;
         st.last_error_at = None;

@@ -148,7 +148,7 @@ pub async fn reload_slot(store: &CertStore, slot: &Arc<CertSlot>, force: bool) -
 }
 
 /// Re-reads every file slot; returns how many changed and how many failed.
-pub async fn reload_all(store: &CertStore, force: bool) -> (usize, usize) {
+pub(crate) async fn reload_all(store: &CertStore, force: bool) -> (usize, usize) {
     let mut changed = 0;
     let mut failed = 0;
     for outcome in reload_slots(store, store.slots(), force).await {
@@ -194,7 +194,7 @@ fn dirs_for(path: &Path) -> Vec<PathBuf> {
 
 /// Starts the watcher task. `refresh` is notified after a config reload
 /// changes the set of files; `poll_every` is the content-hash fallback.
-pub fn spawn_watcher(
+pub(crate) fn spawn_watcher(
     store: Arc<CertStore>,
     refresh: Arc<Notify>,
     poll_every: Duration,
