@@ -270,7 +270,10 @@ impl CertStore {
     }
 
     /// Loads every site's certificate. All failures are returned together.
-    pub(crate) fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
+    pub(crate) fn load(
+        config: &Config,
+        ca: Option<&InternalCa>,
+    ) -> Result<CertStore, Vec<SiteCertError>> {
         let store = CertStore::new();
         store
             .map

@@ -16,7 +16,11 @@ const CHECK_EVERY: Duration = Duration::from_secs(3600);
 
 /// Re-issues internal certificates when a third of their life is left,
 /// looking every hour.
-pub(crate) fn spawn_renewer(store: Arc<CertStore>, ca: Arc<InternalCa>, shutdown: CancellationToken) {
+pub(crate) fn spawn_renewer(
+    store: Arc<CertStore>,
+    ca: Arc<InternalCa>,
+    shutdown: CancellationToken,
+) {
     spawn_renewer_every(store, ca, CHECK_EVERY, shutdown);
 }
 
