@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::certstore::{watch, CertSource};
+use crate::certstore::{CertSource, PublishCause};
 use crate::config::AdminAccess;
 use crate::control::{Control, ReloadReport, ReloadStatus};
 use crate::metrics::Metrics;
@@ -408,9 +408,7 @@ fn renew(state: &AdminState, name: &str, force: bool) -> Response<Full<Bytes>> {
         CertSource::Internal => match state.control.internal_ca() {
             Some(ca) => match ca.issue(&slot.hosts) {
                 Ok(cert) => {
-                    let serial = cert.info.serial.clone();
-                    slot.publish(cert);
-                    watch::report(store, &slot, &watch::Outcome::Published { serial: serial.clone() });
+                    let serial = store.publish(&slot, cert, PublishCause::AdminRenew);
                     json(StatusCode::OK, &serde_json::json!({ "ok": true, "name": name, "renewed": true, "serial": serial }))
                 }
                 Err(e) => json(

@@ -244,7 +244,7 @@ impl Control {
         let mut report = ReloadReport::default();
         let Some(path) = &self.config_path else {
             // No file (reverse-proxy mode): only certificates can change.
-            let (changed, failed) = certstore::watch::reload_all(&self.rt.certs, false);
+            let (changed, failed) = certstore::watch::reload_all(&self.rt.certs, false).await;
             report.certificates_replaced = changed;
             report.certificates_failed = failed;
             return Ok(report);
@@ -272,15 +272,20 @@ impl Control {
             ));
         }
         // Certificates: new/changed sites load now; unchanged ones keep their slot.
-        let old_map = self.rt.certs.map();
-        let map =
-            CertStore::build_map(&new, self.ca.as_deref(), Some(&old_map)).map_err(|errs| {
-                errs.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })?;
-        drop(old_map);
+        // Reading and parsing certificate files blocks: not on an async worker.
+        let (old_map, ca) = (self.rt.certs.map_full(), self.ca.clone());
+        let (new, map) = tokio::task::spawn_blocking(move || {
+            let map = CertStore::build_map(&new, ca.as_deref(), Some(&old_map));
+            (new, map)
+        })
+        .await
+        .map_err(|e| format!("loading the certificates failed: {e}"))?;
+        let map = map.map_err(|errs| {
+            errs.iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n")
+        })?;
 
         // Listeners: pair each new one with an open one (same settings
         // first, then same address), and bind the rest, before changing
@@ -389,7 +394,7 @@ impl Control {
         *current = new;
         drop(current);
 
-        let (changed, failed) = certstore::watch::reload_all(&self.rt.certs, false);
+        let (changed, failed) = certstore::watch::reload_all(&self.rt.certs, false).await;
         report.certificates_replaced = changed;
         report.certificates_failed = failed;
         self.watch_refresh.notify_one();

@@ -196,7 +196,7 @@ impl Server {
             ));
         }
         if let Some(ca) = &self.ca {
-            certstore::internal::spawn_renewer(rt.certs.clone(), ca.clone(), background.clone());
+            certstore::renew::spawn_renewer(rt.certs.clone(), ca.clone(), background.clone());
         }
         control.acme().start(background.clone());
         certstore::watch::spawn_watcher(

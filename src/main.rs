@@ -100,6 +100,9 @@ enum Command {
         /// Admin API of the running proxy.
         #[arg(long, default_value = "http://127.0.0.1:9901")]
         admin: String,
+        /// Print the admin API's JSON answer instead of one line.
+        #[arg(long)]
+        json: bool,
     },
     /// Renew a certificate now (certificates portcullis issues itself).
     Renew {
@@ -111,6 +114,9 @@ enum Command {
         /// Admin API of the running proxy.
         #[arg(long, default_value = "http://127.0.0.1:9901")]
         admin: String,
+        /// Print the admin API's JSON answer instead of one line.
+        #[arg(long)]
+        json: bool,
     },
     /// Revoke an ACME certificate: order a replacement (new key), put it in
     /// service, then revoke the old one at the CA.
@@ -179,11 +185,16 @@ fn init_logging(format: LogFormat) {
 fn admin_post(admin: &str, path: &str) -> Result<ExitCode> {
     let (status, body) = block_on(portcullis::ops::admin_request(admin, "POST", path))??;
     print!("{body}");
-    Ok(if status == 200 {
+    Ok(exit_for(status))
+}
+
+/// Success only for `200 OK` from the admin API.
+fn exit_for(status: u16) -> ExitCode {
+    if status == 200 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
-    })
+    }
 }
 
 fn parse_dur(s: &str) -> Result<Duration, String> {
@@ -273,10 +284,40 @@ fn real_main(cli: Cli) -> Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
-        Command::Reload { admin } => admin_post(&admin, "/reload"),
-        Command::Renew { name, force, admin } => {
+        Command::Reload { admin, json } => {
+            let (status, body) =
+                block_on(portcullis::ops::admin_request(&admin, "POST", "/reload"))??;
+            if json {
+                print!("{body}");
+            } else {
+                println!("{}", portcullis::ops::reload_line(&body));
+            }
+            Ok(exit_for(status))
+        }
+        Command::Renew {
+            name,
+            force,
+            admin,
+            json,
+        } => {
             let path = format!("/certs/{name}/renew{}", if force { "?force=1" } else { "" });
-            admin_post(&admin, &path)
+            let (status, body) = block_on(portcullis::ops::admin_request(&admin, "POST", &path))??;
+            if json {
+                print!("{body}");
+            } else {
+                // The answer names the serial; the inventory adds its end of
+                // validity (left out if it cannot be read).
+                let inventory = if status == 200 {
+                    block_on(portcullis::ops::inventory_from_admin(&admin))?.ok()
+                } else {
+                    None
+                };
+                println!(
+                    "{}",
+                    portcullis::ops::renew_line(&name, &body, inventory.as_deref())
+                );
+            }
+            Ok(exit_for(status))
         }
         Command::Revoke {
             name,

@@ -119,7 +119,7 @@ pub fn inventory_from_config(path: &Path) -> Result<Vec<CertReport>, OpsError> {
                     allow_expired: true,
                 },
             ) {
-                Ok(c) => slot.publish(c),
+                Ok(c) => slot.install(c),
                 Err(certstore::CertError::NotIssued { .. }) => {}
                 Err(e) => {
                     slot.record_error(&e.to_string());
@@ -448,5 +448,123 @@ impl Inspection {
             }
         }
         out
+    }
+}
+
+/// One line for `portcullis renew NAME`, from the admin API's answer to
+/// `POST /certs/NAME/renew` (JSON, or a plain-text refusal) and, when it
+/// could be read, the inventory (for the new certificate's end of validity).
+pub fn renew_line(name: &str, body: &str, inventory: Option<&[CertReport]>) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return format!("{name} not renewed: {}", body.trim());
+    };
+    let text = |k: &str| v.get(k).and_then(|x| x.as_str()).map(str::to_string);
+    if v["ok"] == false {
+        let error = text("error").unwrap_or_else(|| body.trim().to_string());
+        return format!("{name} not renewed: {error}");
+    }
+    if v["pending"] == true {
+        let reason = text("reason").unwrap_or_default();
+        return format!("{name}: renewal under way: {reason}");
+    }
+    if v["renewed"] != true {
+        let reason = text("reason").unwrap_or_else(|| "not due".into());
+        return format!("{name} not renewed: {reason}");
+    }
+    let mut line = format!("renewed {name}");
+    if let Some(serial) = text("serial") {
+        let _ = write!(line, ": serial {serial}");
+        let not_after = inventory
+            .into_iter()
+            .flatten()
+            .find(|r| r.name == name && r.serial.as_deref() == Some(serial.as_str()))
+            .and_then(|r| r.not_after.clone());
+        if let Some(na) = not_after {
+            let _ = write!(line, ", not after {na}");
+        }
+    }
+    if let Some(revoked) = text("revoked") {
+        let _ = write!(line, ", revoked {revoked}");
+    }
+    line
+}
+
+/// One line for `portcullis reload`, from the admin API's answer to
+/// `POST /reload`.
+pub fn reload_line(body: &str) -> String {
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(body) else {
+        return format!("reload refused: {}", body.trim());
+    };
+    if v["ok"] != true {
+        let error = v["error"].as_str().unwrap_or(body.trim());
+        return format!("reload refused; the running configuration stays: {error}");
+    }
+    let r = &v["report"];
+    let count = |k: &str| r[k].as_u64().unwrap_or(0);
+    let plural = |n: u64| if n == 1 { "" } else { "s" };
+    let (replaced, failed) = (count("certificates_replaced"), count("certificates_failed"));
+    let mut line = format!(
+        "reloaded config: {replaced} certificate{} replaced",
+        plural(replaced)
+    );
+    if failed > 0 {
+        let _ = write!(
+            line,
+            ", {failed} certificate{} not loadable (previous kept; see portcullis certs)",
+            plural(failed)
+        );
+    }
+    for (key, what) in [
+        ("opened", "opened"),
+        ("closed", "closed"),
+        ("reconfigured", "reconfigured"),
+    ] {
+        let addrs: Vec<&str> = r[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str())
+            .collect();
+        if !addrs.is_empty() {
+            let _ = write!(line, ", listeners {what}: {}", addrs.join(" "));
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod line_tests {
+    use super::{reload_line, renew_line};
+
+    #[test]
+    fn renew_answers_read_as_one_line() {
+        let ok = r#"{"ok": true, "name": "web", "renewed": true, "serial": "0a1b"}"#;
+        assert_eq!(renew_line("web", ok, None), "renewed web: serial 0a1b");
+        let not_due = r#"{"ok": true, "name": "web", "renewed": false, "reason": "not due yet; use force to renew now"}"#;
+        assert_eq!(
+            renew_line("web", not_due, None),
+            "web not renewed: not due yet; use force to renew now"
+        );
+        let refused = "\"web\" is served from files; renew it with the tool that writes them\n";
+        assert!(renew_line("web", refused, None).starts_with("web not renewed: \"web\" is served"));
+        let failed = r#"{"ok": false, "name": "web", "error": "the CA is away"}"#;
+        assert_eq!(
+            renew_line("web", failed, None),
+            "web not renewed: the CA is away"
+        );
+    }
+
+    #[test]
+    fn reload_answers_read_as_one_line() {
+        let ok = r#"{"ok": true, "report": {"opened": ["127.0.0.1:8443"], "closed": [], "reconfigured": [], "certificates_replaced": 2, "certificates_failed": 0}}"#;
+        assert_eq!(
+            reload_line(ok),
+            "reloaded config: 2 certificates replaced, listeners opened: 127.0.0.1:8443"
+        );
+        let refused = r#"{"ok": false, "error": "p.toml:3: listen: bad"}"#;
+        assert_eq!(
+            reload_line(refused),
+            "reload refused; the running configuration stays: p.toml:3: listen: bad"
+        );
     }
 }

@@ -25,8 +25,10 @@ use instant_acme::{
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
+use super::error::AcmeError;
+pub use super::error::Problem;
+pub(crate) use super::error::{chain, problem};
 use super::storage::{account_slug, Storage, StoredAccount};
-use super::AcmeError;
 use crate::certstore::load::provider;
 use crate::config::AcmeConfig;
 
@@ -152,36 +154,9 @@ pub fn retry_after(headers: &http::HeaderMap) -> Option<SystemTime> {
         .map(SystemTime::from)
 }
 
-/// An error and every cause under it, joined: hyper's top-level messages
-/// ("client error (Connect)") say little on their own.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let msg = s.to_string();
-        if !out.contains(&msg) {
-            out.push_str(": ");
-            out.push_str(&msg);
-        }
-        cur = s.source();
-    }
-    out
-}
-
-/// The ACME problem type of an error, without the `urn:ietf:params:acme:error:` prefix.
-pub fn problem_type(e: &AcmeLibError) -> Option<&str> {
-    match e {
-        AcmeLibError::Api(p) => p
-            .r#type
-            .as_deref()
-            .map(|t| t.strip_prefix("urn:ietf:params:acme:error:").unwrap_or(t)),
-        _ => None,
-    }
-}
-
 /// Whether the CA refused the request's nonce (the request was not processed).
-pub fn is_bad_nonce(e: &AcmeLibError) -> bool {
-    problem_type(e) == Some("badNonce")
+pub(crate) fn is_bad_nonce(e: &AcmeLibError) -> bool {
+    problem(e) == Some(Problem::BadNonce)
 }
 
 /// Runs an instant-acme call again while the CA answers `badNonce` (up to
@@ -279,12 +254,12 @@ pub fn forget_account(storage: &Storage, config: &AcmeConfig) -> Result<(), Acme
         config.eab.as_ref().map(|e| e.kid.as_str()),
     );
     tracing::warn!(directory = %config.directory, "the CA does not know the stored ACME account; creating a new one");
-    storage.retire_account(&slug)
+    Ok(storage.retire_account(&slug)?)
 }
 
 /// Whether an error says the account does not exist (any more).
-pub fn is_account_gone(e: &AcmeLibError) -> bool {
-    matches!(problem_type(e), Some("accountDoesNotExist"))
+pub(crate) fn is_account_gone(e: &AcmeLibError) -> bool {
+    problem(e) == Some(Problem::AccountDoesNotExist)
 }
 
 /// Counts an order (for tests and the inventory).

@@ -15,10 +15,11 @@
 //! - [`order`]: one order; [`client`]: HTTP, account, `badNonce` retries;
 //!   [`storage`]: files under `state_dir/acme/`; [`schedule`]: the timing policy.
 
-pub mod client;
-pub mod order;
-pub mod schedule;
-pub mod storage;
+pub(crate) mod client;
+mod error;
+pub(crate) mod order;
+pub(crate) mod schedule;
+pub(crate) mod storage;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,76 +33,12 @@ use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::certstore::{self, load, watch, CertSource, CertStore, Checks, ServedCert};
+use crate::certstore::{self, load, CertSource, CertStore, Checks, PublishCause, ServedCert};
 use crate::config::{AcmeConfig, ChallengeKind, Config, HostPattern};
 use crate::metrics::Metrics;
 use client::{retry_nonce, Http};
+pub use error::AcmeError;
 use storage::{CertMeta, Storage};
-
-/// Why an ACME operation failed. Each message says what to do or where to look.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum AcmeError {
-    /// A setting cannot be used (unreadable `ca_root`, unknown profile).
-    #[error("{0}")]
-    Config(String),
-    /// The state directory could not be read or written.
-    #[error("{0}")]
-    Storage(String),
-    /// The CA refused or could not be reached.
-    #[error("{context} at {directory}: {message}")]
-    Ca {
-        /// What was being done.
-        context: String,
-        /// The CA's directory URL.
-        directory: String,
-        /// The ACME problem type, without its URN prefix (`rateLimited`, ...).
-        problem: Option<String>,
-        /// The CA's words, or the network error.
-        message: String,
-    },
-    /// The CA could not validate a challenge.
-    #[error("{} challenge for {name} failed: {message}", kind.as_str())]
-    Challenge {
-        /// Which challenge type.
-        kind: ChallengeKind,
-        /// For which name.
-        name: String,
-        /// The CA's explanation.
-        message: String,
-    },
-    /// The DNS hook failed.
-    #[error("{0}")]
-    Hook(String),
-    /// The issued certificate is not usable.
-    #[error("{0}")]
-    Issued(String),
-    /// The order took longer than `order_timeout`.
-    #[error("{0}")]
-    Timeout(String),
-    /// The CA no longer knows the stored account.
-    #[error("the CA does not know the stored account")]
-    AccountGone,
-    /// Nothing to act on (no certificate to revoke, unknown site).
-    #[error("{0}")]
-    NotFound(String),
-}
-
-impl AcmeError {
-    /// Wraps an instant-acme error with what was being done and at which CA.
-    pub fn from_lib(context: &str, directory: &str, e: instant_acme::Error) -> AcmeError {
-        AcmeError::Ca {
-            context: context.to_string(),
-            directory: directory.to_string(),
-            problem: client::problem_type(&e).map(str::to_string),
-            message: client::chain(&e),
-        }
-    }
-
-    /// Whether the CA said to slow down.
-    pub fn rate_limited(&self) -> bool {
-        matches!(self, AcmeError::Ca { problem: Some(p), .. } if p == "rateLimited")
-    }
-}
 
 /// Counters of one manager (tests, logs).
 #[derive(Debug, Default)]
@@ -284,7 +221,7 @@ fn specs(config: &Config) -> Vec<SiteSpec> {
                 name: s.name.clone(),
                 hosts: s.hosts.clone(),
                 config: (**a).clone(),
-                bundle: certstore::acme_bundle_path(&config.state_dir, &s.name),
+                bundle: storage::bundle_path(&config.state_dir, &s.name),
             }),
             _ => None,
         })
@@ -398,7 +335,7 @@ impl Manager {
                 return;
             }
         };
-        let site = Site {
+        let task = RenewalTask {
             spec: spec.clone(),
             storage: self.storage.clone(),
             store: self.store.clone(),
@@ -408,7 +345,7 @@ impl Manager {
             account_lock,
             account: None,
         };
-        tokio::spawn(site.run(rx, stop.clone()));
+        tokio::spawn(task.run(rx, stop.clone()));
         inner.running.insert(
             spec.name.clone(),
             Running {
@@ -496,8 +433,9 @@ enum Ari {
     Failed { recheck: SystemTime },
 }
 
-/// One site's renewal task.
-struct Site {
+/// One site's renewal task: owns its schedule, backoff and renewal
+/// information, and every order of the site goes through it.
+struct RenewalTask {
     /// What it renews.
     spec: SiteSpec,
     /// Account and certificate files.
@@ -530,12 +468,35 @@ struct State {
     rotation: usize,
 }
 
+/// The stored certificate of a site, if it is usable for its names.
+/// Blocking (reads and parses a file): runs on a blocking thread.
+fn load_current(storage: &Storage, bundle: &Path, hosts: &[HostPattern]) -> Option<Current> {
+    let pem = std::fs::read(bundle).ok()?;
+    let served = load::from_pem(
+        &pem,
+        bundle,
+        &pem,
+        bundle,
+        hosts,
+        Checks {
+            allow_expired: true,
+        },
+    )
+    .ok()?;
+    let meta = storage.load_meta(bundle);
+    Some(Current {
+        leaf: served.key.cert[0].clone(),
+        info: served.info,
+        directory: meta.map(|m| m.directory),
+    })
+}
+
 /// Renewal information is never asked for more often than this.
 const ARI_MIN_RECHECK: Duration = Duration::from_secs(60);
 /// A CA without renewal information is asked again this often.
 const ARI_UNSUPPORTED_RECHECK: Duration = Duration::from_secs(24 * 3600);
 
-impl Site {
+impl RenewalTask {
     fn name(&self) -> &str {
         &self.spec.name
     }
@@ -544,31 +505,18 @@ impl Site {
         &self.spec.config
     }
 
-    /// The stored certificate, if it is usable for this site.
-    fn load_current(&self) -> Option<Current> {
-        let pem = std::fs::read(&self.spec.bundle).ok()?;
-        let served = load::from_pem(
-            &pem,
-            &self.spec.bundle,
-            &pem,
-            &self.spec.bundle,
-            &self.spec.hosts,
-            Checks {
-                allow_expired: true,
-            },
-        )
-        .ok()?;
-        let meta = self.storage.load_meta(&self.spec.bundle);
-        Some(Current {
-            leaf: served.key.cert[0].clone(),
-            info: served.info,
-            directory: meta.map(|m| m.directory),
-        })
-    }
-
     async fn run(mut self, mut commands: mpsc::Receiver<Command>, stop: CancellationToken) {
+        let (storage, bundle, hosts) = (
+            self.storage.clone(),
+            self.spec.bundle.clone(),
+            self.spec.hosts.clone(),
+        );
+        let current = tokio::task::spawn_blocking(move || load_current(&storage, &bundle, &hosts))
+            .await
+            .ok()
+            .flatten();
         let mut st = State {
-            current: self.load_current(),
+            current,
             ari: Ari::Unknown,
             failures: 0,
             retry_at: None,
@@ -628,7 +576,7 @@ impl Site {
                         // answers are withdrawn when dropped).
                         let r = tokio::select! {
                             _ = stop.cancelled() => return,
-                            r = self.attempt(&mut st) => r,
+                            r = self.attempt(&mut st, PublishCause::AdminRenew) => r,
                         };
                         let r = r.map(|serial| ActionReport {
                             name: self.name().to_string(),
@@ -651,7 +599,7 @@ impl Site {
                     if SystemTime::now() >= due {
                         tokio::select! {
                             _ = stop.cancelled() => return,
-                            _ = self.attempt(&mut st) => {}
+                            _ = self.attempt(&mut st, PublishCause::Acme) => {}
                         }
                     }
                 }
@@ -801,8 +749,8 @@ impl Site {
     }
 
     /// One order. On success the new certificate is stored and in service.
-    async fn attempt(&mut self, st: &mut State) -> Result<String, AcmeError> {
-        let result = self.order(st).await;
+    async fn attempt(&mut self, st: &mut State, cause: PublishCause) -> Result<String, AcmeError> {
+        let result = self.order(st, cause).await;
         let now = SystemTime::now();
         match &result {
             Ok(serial) => {
@@ -868,7 +816,7 @@ impl Site {
         result
     }
 
-    async fn order(&mut self, st: &mut State) -> Result<String, AcmeError> {
+    async fn order(&mut self, st: &mut State, cause: PublishCause) -> Result<String, AcmeError> {
         let mut challenges: Vec<ChallengeKind> = self.cfg().challenges.clone();
         if !challenges.is_empty() {
             let n = st.rotation % challenges.len();
@@ -930,20 +878,18 @@ impl Site {
             info: issued.served.info.clone(),
             directory: Some(meta.directory),
         });
-        self.publish(issued.served);
+        self.publish(issued.served, cause);
         Ok(serial)
     }
 
-    /// Puts a validated certificate in service through the same path as a
-    /// file reload (publish, count, log, event).
-    fn publish(&self, served: ServedCert) {
+    /// Puts a validated certificate in service through the store's one
+    /// publish path.
+    fn publish(&self, served: ServedCert, cause: PublishCause) {
         let Some(slot) = self.slot() else {
             tracing::warn!(site = %self.name(), "the site is no longer configured for ACME; the certificate is stored only");
             return;
         };
-        let serial = served.info.serial.clone();
-        slot.publish(served);
-        watch::report(&self.store, &slot, &watch::Outcome::Published { serial });
+        self.store.publish(&slot, served, cause);
     }
 
     /// Replacement first (so what is served is never the revoked one when
@@ -959,7 +905,7 @@ impl Site {
                 self.name()
             )));
         };
-        let replacement = self.attempt(st).await;
+        let replacement = self.attempt(st, PublishCause::AdminRenew).await;
         let account = self.ensure_account().await?;
         let req = RevocationRequest {
             certificate: &old.leaf,
@@ -988,9 +934,4 @@ impl Site {
                 .map(|e| format!("revoked, but the replacement failed: {e}")),
         })
     }
-}
-
-/// Where ACME state lives under `state_dir`.
-pub fn state_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("acme")
 }

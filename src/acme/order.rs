@@ -17,7 +17,7 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use super::client::{self, retry_nonce};
-use super::AcmeError;
+use super::error::AcmeError;
 use crate::certstore::{load, CertStore, Checks, ServedCert};
 use crate::config::{AcmeConfig, AcmeKeyType, ChallengeKind, HostPattern};
 
@@ -149,13 +149,13 @@ pub async fn issue(account: &Account, input: OrderInput<'_>) -> Result<Issued, A
             Ok(o) => break o,
             Err(e) if client::is_account_gone(&e) => return Err(AcmeError::AccountGone),
             // A CA may refuse `replaces` (already replaced, or it does not
-            // reflect it): order without it rather than not at all.
+            // reflect it, with any problem type): order once without it
+            // rather than not at all. A refusal with another cause comes
+            // back on that order and is reported. A rate limit is not
+            // retried at once.
             Err(e)
                 if replaces.is_some()
-                    && (matches!(
-                        client::problem_type(&e),
-                        Some("alreadyReplaced" | "malformed")
-                    ) || e.to_string().contains("replaces")) =>
+                    && matches!(client::problem(&e), Some(p) if p != client::Problem::RateLimited) =>
             {
                 tracing::warn!(error = %client::chain(&e), "the CA refused \"replaces\"; ordering without it");
                 replaces = None;
@@ -426,13 +426,11 @@ fn challenge_err(
     e: instant_acme::Error,
 ) -> AcmeError {
     match &e {
-        instant_acme::Error::Api(p) if client::problem_type(&e) != Some("badNonce") => {
-            AcmeError::Challenge {
-                kind,
-                name: name.to_string(),
-                message: p.to_string(),
-            }
-        }
+        instant_acme::Error::Api(p) if !client::is_bad_nonce(&e) => AcmeError::Challenge {
+            kind,
+            name: name.to_string(),
+            message: p.to_string(),
+        },
         _ => ca_err(cfg, "answering the challenge", e),
     }
 }

@@ -8,13 +8,29 @@
 //!
 //! Every write is temp file -> fsync -> rename ([`crate::fsutil`]).
 //! Control path only.
+//!
+//! This is the one module that knows this layout: every path under
+//! `state_dir/acme/` is computed here. It is a leaf (it imports nothing
+//! else of `acme`), so the certificate store can ask it where a site's
+//! certificate is without an import cycle.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::AcmeError;
 use crate::fsutil;
+
+/// A file under `state_dir/acme/` could not be read or written.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("cannot {what} {}: {reason}", path.display())]
+pub struct StorageError {
+    /// What was being done (`read`, `write`, ...).
+    what: &'static str,
+    /// Which file.
+    path: PathBuf,
+    /// Why, and what to do when there is something to do.
+    reason: String,
+}
 
 /// The account as stored.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -51,8 +67,29 @@ pub struct Storage {
     root: PathBuf,
 }
 
-fn io_err(what: &str, path: &Path, e: impl std::fmt::Display) -> AcmeError {
-    AcmeError::Storage(format!("cannot {what} {}: {e}", path.display()))
+fn io_err(what: &'static str, path: &Path, e: impl std::fmt::Display) -> StorageError {
+    StorageError {
+        what,
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    }
+}
+
+/// `state_dir/acme/`.
+fn root(state_dir: &Path) -> PathBuf {
+    state_dir.join("acme")
+}
+
+/// Where the certificate of site `name` is stored:
+/// `state_dir/acme/certs/NAME/cert.pem`.
+pub fn bundle_path(state_dir: &Path, name: &str) -> PathBuf {
+    // Site names are [A-Za-z0-9._-]; keep "." and ".." from naming a parent.
+    let dir = if name.starts_with('.') {
+        format!("_{name}")
+    } else {
+        name.to_string()
+    };
+    root(state_dir).join("certs").join(dir).join("cert.pem")
 }
 
 /// A file-name-safe rendering of a directory URL (and EAB key id): readable
@@ -85,11 +122,11 @@ impl Storage {
     /// Storage under `state_dir/acme`.
     pub fn new(state_dir: &Path) -> Storage {
         Storage {
-            root: state_dir.join("acme"),
+            root: root(state_dir),
         }
     }
 
-    fn ensure_root(&self) -> Result<(), AcmeError> {
+    fn ensure_root(&self) -> Result<(), StorageError> {
         fsutil::ensure_private_dir(&self.root).map_err(|e| io_err("create", &self.root, e))
     }
 
@@ -98,7 +135,7 @@ impl Storage {
     }
 
     /// The stored account for `slug`, if any.
-    pub fn load_account(&self, slug: &str) -> Result<Option<StoredAccount>, AcmeError> {
+    pub fn load_account(&self, slug: &str) -> Result<Option<StoredAccount>, StorageError> {
         let path = self.account_path(slug);
         let text = match std::fs::read_to_string(&path) {
             Ok(t) => t,
@@ -115,7 +152,7 @@ impl Storage {
     }
 
     /// Stores an account (0600).
-    pub fn save_account(&self, slug: &str, account: &StoredAccount) -> Result<(), AcmeError> {
+    pub fn save_account(&self, slug: &str, account: &StoredAccount) -> Result<(), StorageError> {
         self.ensure_root()?;
         let path = self.account_path(slug);
         let text = serde_json::to_vec_pretty(account).map_err(|e| io_err("encode", &path, e))?;
@@ -123,7 +160,7 @@ impl Storage {
     }
 
     /// Moves an account the CA no longer knows aside (kept for forensics).
-    pub fn retire_account(&self, slug: &str) -> Result<(), AcmeError> {
+    pub fn retire_account(&self, slug: &str) -> Result<(), StorageError> {
         let path = self.account_path(slug);
         let aside = path.with_extension(format!("json.retired-{}", unix_now()));
         match std::fs::rename(&path, &aside) {
@@ -141,7 +178,7 @@ impl Storage {
         chain_pem: &str,
         key_pem: &str,
         meta: &CertMeta,
-    ) -> Result<(), AcmeError> {
+    ) -> Result<(), StorageError> {
         self.ensure_root()?;
         let mut pem = String::with_capacity(chain_pem.len() + key_pem.len() + 1);
         pem.push_str(chain_pem.trim_end());
@@ -205,7 +242,12 @@ mod tests {
             st.load_account("x").unwrap().unwrap().contacts,
             acc.contacts
         );
-        let bundle = dir.path().join("acme/certs/site/cert.pem");
+        let bundle = bundle_path(dir.path(), "site");
+        assert_eq!(bundle, dir.path().join("acme/certs/site/cert.pem"));
+        assert_eq!(
+            bundle_path(dir.path(), ".."),
+            dir.path().join("acme/certs/_../cert.pem")
+        );
         let meta = CertMeta {
             directory: "https://ca/dir".into(),
             ..CertMeta::default()

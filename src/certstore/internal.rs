@@ -3,7 +3,6 @@
 //! re-issues them before they expire. Control path only.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rcgen::{
@@ -11,9 +10,9 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_util::sync::CancellationToken;
 
-use super::{load, CertError, CertSource, CertStore, Checks, ServedCert};
+use super::load::{self, Checks};
+use super::types::{CertError, CertInfo, ServedCert};
 use crate::config::HostPattern;
 use crate::fsutil;
 
@@ -21,8 +20,6 @@ use crate::fsutil;
 pub const LEAF_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// How long the CA lives.
 const CA_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
-/// How often the renewer looks at internal certificates.
-const CHECK_EVERY: Duration = Duration::from_secs(3600);
 
 /// The local CA.
 pub struct InternalCa {
@@ -104,6 +101,15 @@ impl InternalCa {
 
     /// Issues a fresh leaf (new key) for `hosts`.
     pub fn issue(&self, hosts: &[HostPattern]) -> Result<ServedCert, CertError> {
+        self.issue_for(hosts, LEAF_LIFETIME)
+    }
+
+    /// Issues a fresh leaf (new key) for `hosts` that lives `lifetime`.
+    pub(crate) fn issue_for(
+        &self,
+        hosts: &[HostPattern],
+        lifetime: Duration,
+    ) -> Result<ServedCert, CertError> {
         let names: Vec<String> = hosts.iter().map(ToString::to_string).collect();
         let mut params = CertificateParams::new(names.clone()).map_err(|e| err("leaf names", e))?;
         params.distinguished_name.push(
@@ -115,7 +121,7 @@ impl InternalCa {
         params.use_authority_key_identifier_extension = true;
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(5);
-        params.not_after = now + LEAF_LIFETIME;
+        params.not_after = now + lifetime;
         let key = KeyPair::generate().map_err(|e| err("key generation", e))?;
         let cert = params
             .signed_by(&key, &self.issuer)
@@ -138,44 +144,10 @@ impl InternalCa {
 }
 
 /// When an internal certificate is re-issued: with a third of its life left.
-pub fn renew_at(info: &super::CertInfo) -> SystemTime {
+pub(crate) fn renew_at(info: &CertInfo) -> SystemTime {
     let life = info
         .not_after
         .duration_since(info.not_before)
         .unwrap_or(LEAF_LIFETIME);
     info.not_after - life / 3
-}
-
-/// Re-issues internal certificates when a third of their life is left.
-pub fn spawn_renewer(store: Arc<CertStore>, ca: Arc<InternalCa>, shutdown: CancellationToken) {
-    tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(CHECK_EVERY) => {}
-            }
-            for slot in store.slots() {
-                if slot.source != CertSource::Internal {
-                    continue;
-                }
-                let due = slot
-                    .current()
-                    .is_none_or(|c| SystemTime::now() >= renew_at(&c.info));
-                if !due {
-                    continue;
-                }
-                match ca.issue(&slot.hosts) {
-                    Ok(cert) => {
-                        tracing::info!(site = %slot.name, serial = %cert.info.serial, "re-issued internal certificate");
-                        slot.publish(cert);
-                    }
-                    Err(e) => {
-                        if slot.record_error(&e.to_string()) {
-                            tracing::warn!(site = %slot.name, error = %e, "keeping previous certificate");
-                        }
-                    }
-                }
-            }
-        }
-    });
 }

@@ -5,7 +5,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{internal, rfc3339, CertSlot, CertSource};
+use super::internal;
+use super::slot::CertSlot;
+use super::types::{rfc3339, CertSource};
 
 /// `last_result` of a certificate that could not be looked at.
 pub const UNKNOWN: &str = "unknown";

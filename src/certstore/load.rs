@@ -12,7 +12,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use x509_parser::prelude::*;
 
-use super::{CertError, CertInfo, ChainEntry, ServedCert};
+use super::types::{rfc3339, CertError, CertInfo, ChainEntry, ServedCert};
 use crate::config::HostPattern;
 
 /// What to check besides parsing.
@@ -176,13 +176,13 @@ pub fn build(
     if now < info.not_before {
         return Err(CertError::NotYetValid {
             path: cert_path.to_path_buf(),
-            not_before: super::rfc3339(info.not_before),
+            not_before: rfc3339(info.not_before),
         });
     }
     if now > info.not_after && !checks.allow_expired {
         return Err(CertError::Expired {
             path: cert_path.to_path_buf(),
-            not_after: super::rfc3339(info.not_after),
+            not_after: rfc3339(info.not_after),
         });
     }
     Ok(ServedCert {
@@ -324,4 +324,14 @@ fn key_type(cert: &X509Certificate<'_>) -> String {
         }
         Err(_) => "unknown".into(),
     }
+}
+
+/// A hash of a certificate file and its key file, so unchanged files are
+/// not parsed again.
+pub(crate) fn content_hash(cert: &[u8], key: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    cert.hash(&mut h);
+    key.hash(&mut h);
+    h.finish()
 }

@@ -6,366 +6,41 @@
 //! Everything else here is control path: loading and validating PEM files,
 //! the internal CA, publishing a replacement into one slot without touching
 //! the others (so swapping one certificate among 10,000 is O(1)).
+//!
+//! Files, lowest first (each imports only those above it): `types` (what a
+//! certificate, a source, an error and an event are), `slot` (a slot and
+//! the SNI map), `load` (PEM parsing and validation), `internal` (the
+//! local CA), `inventory`; then this file (the store, its one publish
+//! path, building a map), and on top `watch` (file reloads) and `renew`
+//! (internal-CA re-issues), which publish through the store.
 
 pub mod internal;
 pub mod inventory;
 pub mod load;
+pub(crate) mod renew;
+mod slot;
+mod types;
 pub mod watch;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::{ArcSwap, ArcSwapOption};
+use arc_swap::ArcSwap;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 
-use crate::config::{AcmeConfig, Config, HostPattern, Origin, TlsSource, UntilIssued};
-use crate::hostmap::HostMap;
+use crate::config::{Config, Origin, TlsSource, UntilIssued};
 
 pub use internal::InternalCa;
 pub use load::Checks;
-
-/// Why a certificate could not be loaded. Each message names the file and
-/// says what to do.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum CertError {
-    /// The file could not be read.
-    #[error("cannot read {}: {reason}", path.display())]
-    Read { path: PathBuf, reason: String },
-    /// The PEM is empty, damaged or holds the wrong thing.
-    #[error("{}: {reason}", path.display())]
-    Pem { path: PathBuf, reason: String },
-    /// The key is not the leaf's key.
-    #[error("the private key in {} does not match the certificate in {}; install the key that was issued with this certificate", key.display(), cert.display())]
-    KeyMismatch { cert: PathBuf, key: PathBuf },
-    /// The leaf does not name a host of the site.
-    #[error("{}: the certificate does not cover \"{host}\" (it covers: {}); get a certificate for that name or remove it from hosts", path.display(), sans.join(", "))]
-    NotCovering {
-        path: PathBuf,
-        host: String,
-        sans: Vec<String>,
-    },
-    /// The leaf has expired.
-    #[error("{}: the certificate expired at {not_after}; install a renewed certificate", path.display())]
-    Expired { path: PathBuf, not_after: String },
-    /// The leaf is not valid yet.
-    #[error("{}: the certificate is not valid before {not_before}; check the clock or the certificate", path.display())]
-    NotYetValid { path: PathBuf, not_before: String },
-    /// Certificate `index` is not issued by the one after it.
-    #[error("{}: the chain is out of order: certificate {index} is issued by \"{issuer}\" but the next one is \"{next_subject}\"; put the leaf first, then each issuer in turn", path.display())]
-    ChainOrder {
-        path: PathBuf,
-        index: usize,
-        issuer: String,
-        next_subject: String,
-    },
-    /// The internal CA failed.
-    #[error("internal CA: {0}")]
-    Internal(String),
-    /// An ACME certificate has not been issued yet (nothing stored).
-    #[error("{}: no certificate has been issued yet", path.display())]
-    NotIssued { path: PathBuf },
-}
-
-/// A certificate failure attributed to a line of the configuration.
-#[derive(Debug, Clone)]
-pub struct SiteCertError {
-    /// The site's `tls` value.
-    pub origin: Origin,
-    /// What went wrong.
-    pub error: CertError,
-}
-
-impl fmt::Display for SiteCertError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}: {}", self.origin, self.error)
-    }
-}
-
-/// Where a slot's certificate comes from, as shown in the inventory and metrics.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertSource {
-    /// PEM files.
-    File {
-        /// Chain path.
-        cert: PathBuf,
-        /// Key path.
-        key: PathBuf,
-    },
-    /// The local CA.
-    Internal,
-    /// An ACME CA, through the ACME manager, which stores each chain and
-    /// its key in one file.
-    Acme {
-        /// The stored chain and key (`state_dir/acme/certs/NAME/cert.pem`).
-        bundle: PathBuf,
-        /// The site's ACME settings; a change makes a new slot.
-        config: Box<AcmeConfig>,
-    },
-}
-
-impl CertSource {
-    /// `file`, `internal` or `acme` (the metric label).
-    pub fn label(&self) -> &'static str {
-        match self {
-            CertSource::File { .. } => "file",
-            CertSource::Internal => "internal",
-            CertSource::Acme { .. } => "acme",
-        }
-    }
-
-    /// Whether portcullis renews it by itself.
-    pub fn auto_renew(&self) -> bool {
-        matches!(self, CertSource::Internal | CertSource::Acme { .. })
-    }
-}
-
-/// Where the ACME certificate of site `name` is stored under `state_dir`.
-pub fn acme_bundle_path(state_dir: &Path, name: &str) -> PathBuf {
-    // Site names are [A-Za-z0-9._-]; keep "." and ".." from naming a parent.
-    let dir = if name.starts_with('.') {
-        format!("_{name}")
-    } else {
-        name.to_string()
-    };
-    state_dir
-        .join("acme")
-        .join("certs")
-        .join(dir)
-        .join("cert.pem")
-}
-
-/// One certificate of a chain, as the inventory shows it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainEntry {
-    /// Subject common name (or the whole subject if it has no CN).
-    pub subject: String,
-    /// Issuer common name.
-    pub issuer_cn: String,
-    /// Serial, lower-case hex.
-    pub serial: String,
-    /// Start of validity.
-    pub not_before: SystemTime,
-    /// End of validity.
-    pub not_after: SystemTime,
-}
-
-/// What is known about a served chain, read once when it is loaded.
-#[derive(Debug, Clone)]
-pub struct CertInfo {
-    /// Leaf start of validity.
-    pub not_before: SystemTime,
-    /// Leaf end of validity.
-    pub not_after: SystemTime,
-    /// Leaf serial, hex.
-    pub serial: String,
-    /// Leaf issuer CN.
-    pub issuer_cn: String,
-    /// Leaf subject CN.
-    pub subject: String,
-    /// e.g. `ECDSA-P256`, `RSA-2048`.
-    pub key_type: String,
-    /// DNS (and IP) subject alternative names, lower case.
-    pub sans: Vec<String>,
-    /// The leaf.
-    pub leaf: ChainEntry,
-    /// Intermediates, in chain order.
-    pub intermediates: Vec<ChainEntry>,
-    /// Set for file sources.
-    pub cert_path: Option<PathBuf>,
-    /// Set for file sources.
-    pub key_path: Option<PathBuf>,
-}
-
-/// A validated chain and key, ready for handshakes.
-#[derive(Debug, Clone)]
-pub struct ServedCert {
-    /// What rustls serves.
-    pub key: Arc<CertifiedKey>,
-    /// What the inventory shows.
-    pub info: CertInfo,
-}
-
-/// Outcome of the last load attempt of a slot (control path).
-#[derive(Debug, Clone, Default)]
-pub struct SlotStatus {
-    /// When the current certificate was published.
-    pub last_loaded: Option<SystemTime>,
-    /// The last failure, if it is still pending (cleared by a success).
-    pub last_error: Option<String>,
-    /// When the last failure happened.
-    pub last_error_at: Option<SystemTime>,
-    /// When the certificate will be renewed (automatic sources).
-    pub next_renewal: Option<SystemTime>,
-}
-
-/// One certificate in service: the unit that is swapped.
-pub struct CertSlot {
-    /// The site's name.
-    pub name: String,
-    /// The names it must cover.
-    pub hosts: Vec<HostPattern>,
-    /// Where it comes from.
-    pub source: CertSource,
-    /// Whether it serves unknown names.
-    pub is_default: bool,
-    /// The chain in service; `None` until a first certificate exists.
-    current: ArcSwapOption<ServedCert>,
-    /// Load outcomes (control path only; never locked during a handshake).
-    status: Mutex<SlotStatus>,
-    /// Hash of the file bytes last tried, so an unchanged file is not re-parsed.
-    pub(crate) last_hash: AtomicU64,
-}
-
-impl fmt::Debug for CertSlot {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CertSlot")
-            .field("name", &self.name)
-            .field("source", &self.source)
-            .finish_non_exhaustive()
-    }
-}
-
-impl CertSlot {
-    /// A slot with nothing in service yet.
-    pub fn new(
-        name: String,
-        hosts: Vec<HostPattern>,
-        source: CertSource,
-        is_default: bool,
-    ) -> Self {
-        CertSlot {
-            name,
-            hosts,
-            source,
-            is_default,
-            current: ArcSwapOption::empty(),
-            status: Mutex::new(SlotStatus::default()),
-            last_hash: AtomicU64::new(0),
-        }
-    }
-
-    /// The chain in service.
-    pub fn current(&self) -> Option<Arc<ServedCert>> {
-        self.current.load_full()
-    }
-
-    /// What a handshake gets (hot path).
-    #[inline]
-    pub fn certified_key(&self) -> Option<Arc<CertifiedKey>> {
-        self.current.load().as_ref().map(|c| c.key.clone())
-    }
-
-    /// Puts a validated certificate in service and clears any pending error.
-    pub fn publish(&self, cert: ServedCert) {
-        self.current.store(Some(Arc::new(cert)));
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.last_loaded = Some(SystemTime::now());
-        st.last_error = None;
-        st.last_error_at = None;
-    }
-
-    /// Records a failure; returns true when it differs from the pending one
-    /// (so the caller logs each distinct failure once).
-    pub fn record_error(&self, error: &str) -> bool {
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        let new = st.last_error.as_deref() != Some(error);
-        st.last_error = Some(error.to_string());
-        st.last_error_at = Some(SystemTime::now());
-        new
-    }
-
-    /// Records when the certificate will next be renewed.
-    pub fn set_next_renewal(&self, at: Option<SystemTime>) {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_renewal = at;
-    }
-
-    /// Clears a pending error (the files are back to what is served).
-    pub fn clear_error(&self) {
-        let mut st = self.status.lock().unwrap_or_else(|e| e.into_inner());
-        st.last_error = None;
-        st.last_error_at = None;
-    }
-
-    /// Whether `other` describes the same certificate source for the same names.
-    pub fn same_source(&self, other: &CertSlot) -> bool {
-        self.name == other.name
-            && self.hosts == other.hosts
-            && self.source == other.source
-            && self.is_default == other.is_default
-    }
-
-    /// A copy of the status.
-    pub fn status(&self) -> SlotStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-    }
-}
-
-/// The SNI map: names to slots. Replaced as a whole only when the set of
-/// sites changes; a certificate replacement goes into its slot instead.
-#[derive(Debug, Default)]
-pub struct SniMap {
-    /// Names to slots.
-    hosts: HostMap<Arc<CertSlot>>,
-    /// Every slot, in config order.
-    slots: Vec<Arc<CertSlot>>,
-}
-
-impl SniMap {
-    /// Builds a map over `slots` (the first `is_default` one is the default).
-    pub fn new(slots: Vec<Arc<CertSlot>>) -> Self {
-        let mut hosts = HostMap::default();
-        for slot in &slots {
-            for h in &slot.hosts {
-                hosts.insert(h, slot.clone());
-            }
-            if slot.is_default && hosts.default_value().is_none() {
-                hosts.set_default(slot.clone());
-            }
-        }
-        SniMap { hosts, slots }
-    }
-
-    /// The slot for an SNI name (hot path).
-    #[inline]
-    pub fn lookup(&self, sni: Option<&str>) -> Option<&Arc<CertSlot>> {
-        self.hosts.lookup(sni)
-    }
-
-    /// Every slot.
-    pub fn slots(&self) -> &[Arc<CertSlot>] {
-        &self.slots
-    }
-}
-
-/// Something happened to a certificate (for tests, the admin API and logs).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CertEvent {
-    /// A new certificate went into service.
-    Published {
-        /// Slot name.
-        name: String,
-        /// New serial.
-        serial: String,
-    },
-    /// A replacement was refused; the previous certificate stays.
-    Rejected {
-        /// Slot name.
-        name: String,
-        /// Why.
-        error: String,
-    },
-}
+pub use slot::{CertSlot, SlotStatus, SniMap};
+pub use types::{
+    rfc3339, CertError, CertEvent, CertInfo, CertSource, ChainEntry, PublishCause, ServedCert,
+    SiteCertError,
+};
 
 /// Answers to ACME challenges in progress. The ACME manager (control path)
 /// adds and removes them; the listeners read them only for requests that
@@ -462,6 +137,11 @@ pub struct CertStore {
     pub stats: CertStats,
     /// ACME challenge answers in progress.
     pub challenges: Challenges,
+    /// Serialises file re-reads (watcher, poll, config reload): without
+    /// it, an attempt that read older bytes could publish after one that
+    /// read newer bytes. Held across the blocking read only, on the
+    /// control path; handshakes never see it.
+    file_reloads: tokio::sync::Mutex<()>,
 }
 
 impl Default for CertStore {
@@ -471,6 +151,7 @@ impl Default for CertStore {
             events: tokio::sync::broadcast::channel(1024).0,
             stats: CertStats::default(),
             challenges: Challenges::default(),
+            file_reloads: tokio::sync::Mutex::new(()),
         }
     }
 }
@@ -481,6 +162,45 @@ impl CertStore {
         CertStore::default()
     }
 
+    /// Puts a validated replacement in service: the one publish path, for
+    /// file reloads, ACME renewals, admin renewals and internal-CA
+    /// re-issues. Stores it in the slot (one `ArcSwap` store), clears the
+    /// slot's pending error, counts it, logs it and announces it. Returns
+    /// the serial. A [`ServedCert`] only exists once validated, so a bad
+    /// certificate never gets here: the previous one stays.
+    pub fn publish(&self, slot: &CertSlot, cert: ServedCert, cause: PublishCause) -> String {
+        let serial = cert.info.serial.clone();
+        let not_after = cert.info.not_after;
+        slot.install(cert);
+        self.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
+        self.stats.last_success.store(unix_now(), Ordering::Relaxed);
+        tracing::info!(site = %slot.name, %serial, not_after = %rfc3339(not_after), cause = cause.as_str(), "certificate replaced");
+        let _ = self.events.send(CertEvent::Published {
+            name: slot.name.clone(),
+            serial: serial.clone(),
+        });
+        serial
+    }
+
+    /// Refuses a replacement that failed validation: the previous
+    /// certificate stays. Counts it, records it on the slot, logs each
+    /// distinct failure once and announces it.
+    pub(crate) fn reject(&self, slot: &CertSlot, error: &str, cause: PublishCause) {
+        self.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
+        if slot.record_error(error) {
+            tracing::warn!(site = %slot.name, %error, cause = cause.as_str(), "keeping previous certificate");
+        }
+        let _ = self.events.send(CertEvent::Rejected {
+            name: slot.name.clone(),
+            error: error.to_string(),
+        });
+    }
+
+    /// Serialises file re-reads; see the field.
+    pub(crate) async fn lock_file_reloads(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.file_reloads.lock().await
+    }
+
     /// Receives every publish and rejection from now on.
     pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<CertEvent> {
         self.events.subscribe()
@@ -489,7 +209,7 @@ impl CertStore {
     /// Builds the slots for `config`, reusing `previous` slots whose source
     /// and names did not change (their certificates are not re-read).
     /// Nothing is published; all failures are returned together.
-    pub fn build_map(
+    pub(crate) fn build_map(
         config: &Config,
         ca: Option<&InternalCa>,
         previous: Option<&SniMap>,
@@ -521,7 +241,7 @@ impl CertStore {
                     if SystemTime::now() > cert.info.not_after {
                         tracing::warn!(site = %site.name, not_after = %rfc3339(cert.info.not_after), "serving an expired certificate; install a renewed one");
                     }
-                    slot.publish(cert);
+                    slot.install(cert);
                 }
                 // An ACME certificate that is missing or unusable is not a
                 // reason to refuse the config: the manager orders one.
@@ -533,7 +253,7 @@ impl CertStore {
                     let fallback = matches!(&site.tls, TlsSource::Acme(a) if a.until_issued == UntilIssued::Internal);
                     if let (true, Some(ca)) = (fallback, ca) {
                         match ca.issue(&slot.hosts) {
-                            Ok(cert) => slot.publish(cert),
+                            Ok(cert) => slot.install(cert),
                             Err(error) => errors.push(SiteCertError { origin, error }),
                         }
                     }
@@ -550,7 +270,10 @@ impl CertStore {
     }
 
     /// Loads every site's certificate. All failures are returned together.
-    pub fn load(config: &Config, ca: Option<&InternalCa>) -> Result<CertStore, Vec<SiteCertError>> {
+    pub(crate) fn load(
+        config: &Config,
+        ca: Option<&InternalCa>,
+    ) -> Result<CertStore, Vec<SiteCertError>> {
         let store = CertStore::new();
         store
             .map
@@ -561,6 +284,11 @@ impl CertStore {
     /// The current map.
     pub fn map(&self) -> arc_swap::Guard<Arc<SniMap>> {
         self.map.load()
+    }
+
+    /// The current map, owned (to hand to a blocking task).
+    pub(crate) fn map_full(&self) -> Arc<SniMap> {
+        self.map.load_full()
     }
 
     /// Replaces the whole map (a config reload that changes the set of sites).
@@ -600,7 +328,7 @@ impl CertStore {
         self.map
             .load()
             .lookup(sni)
-            .is_some_and(|slot| slot.current.load().is_some())
+            .is_some_and(|slot| slot.has_cert())
     }
 }
 
@@ -623,7 +351,7 @@ fn site_source(config: &Config, site: &crate::config::SiteConfig) -> (CertSource
         ),
         TlsSource::Acme(acme) => (
             CertSource::Acme {
-                bundle: acme_bundle_path(&config.state_dir, &site.name),
+                bundle: crate::acme::storage::bundle_path(&config.state_dir, &site.name),
                 config: acme.clone(),
             },
             acme.origin.clone(),
@@ -632,12 +360,12 @@ fn site_source(config: &Config, site: &crate::config::SiteConfig) -> (CertSource
 }
 
 /// The certificate source of a configured site.
-pub fn source_of(config: &Config, site: &crate::config::SiteConfig) -> CertSource {
+pub(crate) fn source_of(config: &Config, site: &crate::config::SiteConfig) -> CertSource {
     site_source(config, site).0
 }
 
 /// Produces a certificate for a slot from its source.
-pub fn obtain(
+pub(crate) fn obtain(
     slot: &CertSlot,
     ca: Option<&InternalCa>,
     checks: Checks,
@@ -646,10 +374,8 @@ pub fn obtain(
         CertSource::File { cert, key } => {
             let (c, k) = (load::read(cert)?, load::read(key)?);
             let mut served = load::from_pem(&c, cert, &k, key, &slot.hosts, checks)?;
-            slot.last_hash.store(
-                watch::content_hash(&c, &k),
-                std::sync::atomic::Ordering::Release,
-            );
+            slot.last_hash
+                .store(load::content_hash(&c, &k), Ordering::Release);
             served.info.cert_path = Some(cert.clone());
             served.info.key_path = Some(key.clone());
             Ok(served)
@@ -701,17 +427,9 @@ impl ResolvesServerCert for Resolver {
     }
 }
 
-/// RFC 3339 in UTC, seconds precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t
+fn unix_now() -> u64 {
+    SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as i64)
-        .unwrap_or(0);
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| secs.to_string())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

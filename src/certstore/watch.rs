@@ -7,30 +7,22 @@
 //! no events. Control path only.
 
 use std::collections::{HashMap, HashSet};
-use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
-use super::{load, CertEvent, CertSlot, CertSource, CertStore, Checks};
+use super::{load, CertSlot, CertSource, CertStore, Checks, PublishCause, ServedCert};
 
 /// Quiet time that ends a burst of file events (a cert and its key written
 /// a moment apart are one change).
 const DEBOUNCE: Duration = Duration::from_millis(75);
 /// A burst is cut off after this long even if events keep coming.
 const DEBOUNCE_MAX: Duration = Duration::from_millis(500);
-
-/// Serialises reloads of file slots. The watcher task, a config reload
-/// (SIGHUP, `POST /reload`) and the hash poll may look at the same files at
-/// once; without this, an attempt that read older bytes could publish after
-/// one that read newer bytes and leave the old certificate in service while
-/// the stored hash says the files are already loaded. Control path only.
-static RELOAD: Mutex<()> = Mutex::new(());
 
 /// What a reload attempt of one slot did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,107 +41,118 @@ pub enum Outcome {
     },
 }
 
-pub(crate) fn content_hash(cert: &[u8], key: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    cert.hash(&mut h);
-    key.hash(&mut h);
-    h.finish()
+/// What reading a file slot's files found.
+enum Checked {
+    /// Same bytes as last time, or the certificate already in service.
+    Unchanged,
+    /// A new, validated certificate, to publish (boxed: it is large).
+    Ready(Box<ServedCert>),
+    /// The files cannot be used.
+    Failed(String),
 }
 
-/// Re-reads a file slot. With `force`, validates even if the bytes did not change.
-pub fn reload_slot(store: &CertStore, slot: &CertSlot, force: bool) -> Outcome {
+/// Reads and validates a file slot's files. Blocking: runs on a blocking
+/// thread, never on an async worker. With `force`, validates even if the
+/// bytes did not change.
+fn check_files(slot: &CertSlot, force: bool) -> Checked {
     let CertSource::File { cert, key } = &slot.source else {
-        return Outcome::Unchanged;
+        return Checked::Unchanged;
     };
-    let _serial = RELOAD.lock().unwrap_or_else(|e| e.into_inner());
     let read = |p: &Path| load::read(p).map_err(|e| e.to_string());
-    let outcome = match (read(cert), read(key)) {
+    let (c, k) = match (read(cert), read(key)) {
         (Err(e), _) | (_, Err(e)) => {
             slot.last_hash.store(0, Ordering::Release);
-            Outcome::Rejected { error: e }
+            return Checked::Failed(e);
         }
-        (Ok(c), Ok(k)) => {
-            let hash = content_hash(&c, &k);
-            if !force && slot.last_hash.swap(hash, Ordering::AcqRel) == hash {
-                return Outcome::Unchanged;
-            }
-            slot.last_hash.store(hash, Ordering::Release);
-            match load::from_pem(
-                &c,
-                cert,
-                &k,
-                key,
-                &slot.hosts,
-                Checks {
-                    allow_expired: false,
-                },
-            ) {
-                Err(e) => Outcome::Rejected {
-                    error: e.to_string(),
-                },
-                Ok(mut served) => {
-                    served.info.cert_path = Some(cert.clone());
-                    served.info.key_path = Some(key.clone());
-                    let same = slot.current().is_some_and(|cur| {
-                        cur.key.cert == served.key.cert && cur.info.serial == served.info.serial
-                    });
-                    if same {
-                        slot.clear_error();
-                        return Outcome::Unchanged;
-                    }
-                    let serial = served.info.serial.clone();
-                    slot.publish(served);
-                    Outcome::Published { serial }
-                }
-            }
-        }
+        (Ok(c), Ok(k)) => (c, k),
     };
-    report(store, slot, &outcome);
-    outcome
-}
-
-/// Logs, counts and broadcasts an outcome.
-pub(crate) fn report(store: &CertStore, slot: &CertSlot, outcome: &Outcome) {
-    match outcome {
-        Outcome::Unchanged => {}
-        Outcome::Published { serial } => {
-            store.stats.reloads_ok.fetch_add(1, Ordering::Relaxed);
-            store
-                .stats
-                .last_success
-                .store(unix_now(), Ordering::Relaxed);
-            tracing::info!(site = %slot.name, %serial, "certificate replaced");
-            let _ = store.events.send(CertEvent::Published {
-                name: slot.name.clone(),
-                serial: serial.clone(),
+    let hash = load::content_hash(&c, &k);
+    if !force && slot.last_hash.swap(hash, Ordering::AcqRel) == hash {
+        return Checked::Unchanged;
+    }
+    slot.last_hash.store(hash, Ordering::Release);
+    let checks = Checks {
+        allow_expired: false,
+    };
+    match load::from_pem(&c, cert, &k, key, &slot.hosts, checks) {
+        Err(e) => Checked::Failed(e.to_string()),
+        Ok(mut served) => {
+            served.info.cert_path = Some(cert.clone());
+            served.info.key_path = Some(key.clone());
+            let same = slot.current().is_some_and(|cur| {
+                cur.key.cert == served.key.cert && cur.info.serial == served.info.serial
             });
-        }
-        Outcome::Rejected { error } => {
-            store.stats.reloads_failed.fetch_add(1, Ordering::Relaxed);
-            if slot.record_error(error) {
-                tracing::warn!(site = %slot.name, %error, "keeping previous certificate");
+            if same {
+                // The files are back to what is served.
+                slot.clear_error();
+                Checked::Unchanged
+            } else {
+                Checked::Ready(Box::new(served))
             }
-            let _ = store.events.send(CertEvent::Rejected {
-                name: slot.name.clone(),
-                error: error.clone(),
-            });
         }
     }
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+/// Re-reads file slots: reads and parses on a blocking thread, then
+/// publishes each new certificate (or refuses it, keeping the previous
+/// one) through [`CertStore::publish`]. Serialised with every other file
+/// re-read by the store's control-path lock.
+async fn reload_slots(store: &CertStore, slots: Vec<Arc<CertSlot>>, force: bool) -> Vec<Outcome> {
+    let slots: Vec<Arc<CertSlot>> = slots
+        .into_iter()
+        .filter(|s| matches!(s.source, CertSource::File { .. }))
+        .collect();
+    if slots.is_empty() {
+        return Vec::new();
+    }
+    let _serial = store.lock_file_reloads().await;
+    let work = slots.clone();
+    let checked = match tokio::task::spawn_blocking(move || {
+        work.iter()
+            .map(|s| check_files(s, force))
+            .collect::<Vec<_>>()
+    })
+    .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let error = format!("reading the certificate files failed: {e}");
+            slots
+                .iter()
+                .map(|_| Checked::Failed(error.clone()))
+                .collect()
+        }
+    };
+    slots
+        .iter()
+        .zip(checked)
+        .map(|(slot, checked)| match checked {
+            Checked::Unchanged => Outcome::Unchanged,
+            Checked::Ready(served) => Outcome::Published {
+                serial: store.publish(slot, *served, PublishCause::File),
+            },
+            Checked::Failed(error) => {
+                store.reject(slot, &error, PublishCause::File);
+                Outcome::Rejected { error }
+            }
+        })
+        .collect()
+}
+
+/// Re-reads a file slot. With `force`, validates even if the bytes did not change.
+pub async fn reload_slot(store: &CertStore, slot: &Arc<CertSlot>, force: bool) -> Outcome {
+    reload_slots(store, vec![slot.clone()], force)
+        .await
+        .pop()
+        .unwrap_or(Outcome::Unchanged)
 }
 
 /// Re-reads every file slot; returns how many changed and how many failed.
-pub fn reload_all(store: &CertStore, force: bool) -> (usize, usize) {
+pub(crate) async fn reload_all(store: &CertStore, force: bool) -> (usize, usize) {
     let mut changed = 0;
     let mut failed = 0;
-    for slot in store.slots() {
-        match reload_slot(store, &slot, force) {
+    for outcome in reload_slots(store, store.slots(), force).await {
+        match outcome {
             Outcome::Published { .. } => changed += 1,
             Outcome::Rejected { .. } => failed += 1,
             Outcome::Unchanged => {}
@@ -191,7 +194,7 @@ fn dirs_for(path: &Path) -> Vec<PathBuf> {
 
 /// Starts the watcher task. `refresh` is notified after a config reload
 /// changes the set of files; `poll_every` is the content-hash fallback.
-pub fn spawn_watcher(
+pub(crate) fn spawn_watcher(
     store: Arc<CertStore>,
     refresh: Arc<Notify>,
     poll_every: Duration,
@@ -228,7 +231,7 @@ pub fn spawn_watcher(
         // Files replaced between the initial load and the watches being in
         // place sent no event we could see: look once now (unchanged files
         // are only hashed).
-        reload_all(&store, false);
+        reload_all(&store, false).await;
         let mut poll = tokio::time::interval(poll_every);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         poll.tick().await;
@@ -237,10 +240,10 @@ pub fn spawn_watcher(
                 _ = shutdown.cancelled() => return,
                 _ = refresh.notified() => {
                     rewatch(&store, watcher.as_mut(), &mut watched, &mut index);
-                    reload_all(&store, false);
+                    reload_all(&store, false).await;
                 }
                 _ = poll.tick() => {
-                    let (changed, _) = reload_all(&store, false);
+                    let (changed, _) = reload_all(&store, false).await;
                     if changed > 0 {
                         rewatch(&store, watcher.as_mut(), &mut watched, &mut index);
                     }
@@ -259,20 +262,22 @@ pub fn spawn_watcher(
                             _ = tokio::time::sleep_until(quiet.min(deadline)) => break,
                         }
                     }
-                    let mut seen = HashSet::new();
                     let mut any = false;
                     if dirs.contains(Path::new("")) {
                         // Lost events: look at everything.
-                        reload_all(&store, false);
+                        reload_all(&store, false).await;
                         any = true;
                     }
-                    for d in &dirs {
-                        for slot in index.get(d).into_iter().flatten() {
-                            if seen.insert(slot.name.clone()) {
-                                reload_slot(&store, slot, false);
-                                any = true;
-                            }
-                        }
+                    let mut seen = HashSet::new();
+                    let touched: Vec<Arc<CertSlot>> = dirs
+                        .iter()
+                        .flat_map(|d| index.get(d).into_iter().flatten())
+                        .filter(|slot| seen.insert(slot.name.clone()))
+                        .cloned()
+                        .collect();
+                    if !touched.is_empty() {
+                        reload_slots(&store, touched, false).await;
+                        any = true;
                     }
                     if any {
                         // Symlinks may now point into new directories.

@@ -9,13 +9,14 @@
 
 mod acme;
 mod duration;
+mod origin;
 mod raw;
 mod upstream;
 mod validate;
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -26,6 +27,7 @@ pub use acme::{
     LETSENCRYPT_STAGING,
 };
 pub use duration::parse_duration;
+pub use origin::Origin;
 pub use upstream::{
     server_name_of, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol, UpstreamTarget,
     UpstreamTls, MAX_RETRIES, MAX_UPSTREAMS, MAX_WEIGHT, SYSTEM_ROOTS,
@@ -182,28 +184,6 @@ pub enum ListenerProtocol {
         /// Port to put in the redirect; `None` means the default 443.
         https_port: Option<u16>,
     },
-}
-
-/// Where a configuration value came from: used to point errors found later
-/// (for example by the certificate store) at the right line.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Origin {
-    /// The configuration file.
-    pub file: PathBuf,
-    /// 1-based line; 0 when the value did not come from a file.
-    pub line: usize,
-    /// Dotted field path, e.g. `sites[0].tls.cert`.
-    pub field: String,
-}
-
-impl fmt::Display for Origin {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}: {}", self.file.display(), self.field)
-        } else {
-            write!(f, "{}:{}: {}", self.file.display(), self.line, self.field)
-        }
-    }
 }
 
 /// A host name a site answers for.
@@ -486,27 +466,9 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
+// `Config::load` and `Config::parse` are in `validate.rs`, which reads
+// the types declared here: this file imports nothing back from it.
 impl Config {
-    /// Reads and validates `path`.
-    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ConfigErrors(vec![ConfigError {
-                origin: Origin {
-                    file: path.to_path_buf(),
-                    line: 0,
-                    field: "file".into(),
-                },
-                message: format!("cannot read the configuration file: {e}"),
-            }])
-        })?;
-        Config::parse(path, &text)
-    }
-
-    /// Validates `text` as if it were the contents of `path`.
-    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
-        validate::parse(path, text)
-    }
-
     /// The one-route configuration behind `portcullis reverse-proxy`.
     pub fn reverse_proxy(
         from: SocketAddr,
@@ -557,7 +519,7 @@ mod tests {
 
     #[test]
     fn shipped_configs_parse() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config");
         for name in ["quickstart.toml", "reference.toml"] {
             let c = Config::load(&root.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(!c.sites.is_empty(), "{name}");

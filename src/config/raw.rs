@@ -2,8 +2,136 @@
 //! every value a later check looks at keeps its span so an error can name
 //! the line it came from.
 
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 use toml::Spanned;
+
+/// A table of ACME keys, each key and value with its place in the file.
+/// Keys are checked by hand (validate/acme.rs) rather than with
+/// `deny_unknown_fields`, so an unknown key is reported with every other
+/// error instead of stopping the parse.
+pub(crate) type RawAcme = BTreeMap<Spanned<String>, Spanned<toml::Value>>;
+
+/// A site's `tls` value, as written.
+#[derive(Debug)]
+pub(crate) enum RawTls {
+    /// `tls = "internal"`, `tls = "acme"` (or a misspelling).
+    Name(String),
+    /// `tls = { ... }`: each key with its place.
+    Table(Vec<(Spanned<String>, Spanned<RawTlsValue>)>),
+    /// A number, a list, ...: not a certificate source.
+    Other,
+}
+
+/// A value inside `tls = { ... }`.
+#[derive(Debug)]
+pub(crate) enum RawTlsValue {
+    /// `cert = "..."`, `key = "..."`.
+    Str(String),
+    /// `acme = { ... }`, with the places of its keys.
+    Table(RawAcme),
+    /// Anything else.
+    Other,
+}
+
+/// The visitor methods for values that are neither a string nor a table.
+macro_rules! loose_scalars {
+    () => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
+            Ok(self.other())
+        }
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
+            Ok(self.other())
+        }
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
+            Ok(self.other())
+        }
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
+            Ok(self.other())
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok(self.other())
+        }
+    };
+}
+
+struct TlsVisitor;
+
+impl TlsVisitor {
+    fn other(&self) -> RawTls {
+        RawTls::Other
+    }
+}
+
+impl<'de> Visitor<'de> for TlsVisitor {
+    type Value = RawTls;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"internal\", \"acme\" or a table")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTls, E> {
+        Ok(RawTls::Name(v.to_string()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTls, A::Error> {
+        let mut out = Vec::new();
+        while let Some(key) = map.next_key::<Spanned<String>>()? {
+            let value = map.next_value::<Spanned<RawTlsValue>>()?;
+            out.push((key, value));
+        }
+        Ok(RawTls::Table(out))
+    }
+
+    loose_scalars!();
+}
+
+impl<'de> Deserialize<'de> for RawTls {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawTls, D::Error> {
+        d.deserialize_any(TlsVisitor)
+    }
+}
+
+struct TlsValueVisitor;
+
+impl TlsValueVisitor {
+    fn other(&self) -> RawTlsValue {
+        RawTlsValue::Other
+    }
+}
+
+impl<'de> Visitor<'de> for TlsValueVisitor {
+    type Value = RawTlsValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or a table")
+    }
+
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<RawTlsValue, E> {
+        Ok(RawTlsValue::Str(v.to_string()))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawTlsValue, A::Error> {
+        let mut out = RawAcme::new();
+        while let Some(key) = map.next_key::<Spanned<String>>()? {
+            let value = map.next_value::<Spanned<toml::Value>>()?;
+            out.insert(key, value);
+        }
+        Ok(RawTlsValue::Table(out))
+    }
+
+    loose_scalars!();
+}
+
+impl<'de> Deserialize<'de> for RawTlsValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<RawTlsValue, D::Error> {
+        d.deserialize_any(TlsValueVisitor)
+    }
+}
 
 /// The whole file.
 #[derive(Debug, Deserialize)]
@@ -22,8 +150,8 @@ pub(crate) struct RawConfig {
     /// How certificate files are watched.
     pub certificates: Option<RawCertificates>,
     /// ACME defaults for every site with `tls = "acme"` or `tls = { acme = ... }`;
-    /// read by hand (config/acme.rs) so messages say what each key expects.
-    pub acme: Option<Spanned<toml::Table>>,
+    /// read by hand (validate/acme.rs) so messages say what each key expects.
+    pub acme: Option<Spanned<RawAcme>>,
     /// Sockets to listen on.
     #[serde(default)]
     pub listeners: Vec<Spanned<RawListener>>,
@@ -92,9 +220,10 @@ pub(crate) struct RawListener {
 pub(crate) struct RawSite {
     pub name: Option<Spanned<String>>,
     pub hosts: Spanned<Vec<Spanned<String>>>,
-    /// `"internal"` or `{ cert = "...", key = "..." }`; interpreted by hand
-    /// so the error says what is expected instead of "no variant matched".
-    pub tls: Option<Spanned<toml::Value>>,
+    /// `"internal"`, `"acme"`, `{ acme = { ... } }` or `{ cert = "...", key = "..." }`;
+    /// interpreted by hand so the error says what is expected instead of
+    /// "no variant matched".
+    pub tls: Option<Spanned<RawTls>>,
     /// Serve this site's certificate (and routes) for unknown names.
     pub default: Option<Spanned<bool>>,
     #[serde(default)]

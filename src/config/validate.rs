@@ -2,7 +2,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -13,123 +12,31 @@ use toml::Spanned;
 use super::raw::*;
 use super::*;
 
+mod acme;
+mod ctx;
 mod upstream;
 
-/// Collects errors with their line numbers.
-pub(super) struct Ctx<'a> {
-    file: &'a Path,
-    text: &'a str,
-    errors: Vec<ConfigError>,
-}
+use ctx::Ctx;
 
-impl Ctx<'_> {
-    fn line_of(&self, span: &Range<usize>) -> usize {
-        let end = span.start.min(self.text.len());
-        self.text.as_bytes()[..end]
-            .iter()
-            .filter(|&&b| b == b'\n')
-            .count()
-            + 1
+impl Config {
+    /// Reads and validates `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                origin: Origin {
+                    file: path.to_path_buf(),
+                    line: 0,
+                    field: "file".into(),
+                },
+                message: format!("cannot read the configuration file: {e}"),
+            }])
+        })?;
+        Config::parse(path, &text)
     }
 
-    pub(super) fn origin(&self, span: &Range<usize>, field: &str) -> Origin {
-        Origin {
-            file: self.file.to_path_buf(),
-            line: self.line_of(span),
-            field: field.to_string(),
-        }
-    }
-
-    pub(super) fn err(&mut self, span: &Range<usize>, field: &str, message: impl Into<String>) {
-        let origin = self.origin(span, field);
-        self.errors.push(ConfigError {
-            origin,
-            message: message.into(),
-        });
-    }
-
-    /// Where `key = ...` is inside a table read as a plain `toml::Table`
-    /// (whose values carry no spans). `table` is the table's span: an
-    /// inline `{ ... }`, or a `[header]` whose keys follow on later lines.
-    /// Falls back to `table` itself.
-    pub(super) fn key_span(&self, table: &Range<usize>, key: &str) -> Range<usize> {
-        let text = self.text;
-        let start = table.start.min(text.len());
-        let inline = text[start..].starts_with('{');
-        let region = if inline {
-            start..table.end.min(text.len())
-        } else {
-            // From the line after the header to the next header.
-            let from = text[start..]
-                .find('\n')
-                .map_or(text.len(), |i| start + i + 1);
-            let mut to = text.len();
-            let mut off = from;
-            for line in text[from..].split_inclusive('\n') {
-                if line.trim_start().starts_with('[') {
-                    to = off;
-                    break;
-                }
-                off += line.len();
-            }
-            from..to
-        };
-        let hay = &text[region.clone()];
-        let mut search = 0;
-        while let Some(i) = hay[search..].find(key) {
-            let at = search + i;
-            let before = hay[..at].chars().next_back();
-            let after = hay[at + key.len()..].trim_start();
-            let word_start =
-                before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_' || c == '-'));
-            if word_start && after.starts_with('=') && !after.starts_with("==") {
-                let abs = region.start + at;
-                return abs..abs + key.len();
-            }
-            search = at + key.len();
-        }
-        table.clone()
-    }
-
-    fn duration(
-        &mut self,
-        v: &Option<Spanned<String>>,
-        field: &str,
-        default: Duration,
-    ) -> Duration {
-        let Some(v) = v else { return default };
-        match parse_duration(v.get_ref()) {
-            Ok(d) if d.is_zero() => {
-                self.err(&v.span(), field, "must be greater than zero");
-                default
-            }
-            Ok(d) => d,
-            Err(e) => {
-                self.err(&v.span(), field, e);
-                default
-            }
-        }
-    }
-
-    fn count(
-        &mut self,
-        v: &Option<Spanned<i64>>,
-        field: &str,
-        min: i64,
-        max: i64,
-        default: usize,
-    ) -> usize {
-        let Some(v) = v else { return default };
-        let n = *v.get_ref();
-        if n < min || n > max {
-            self.err(
-                &v.span(),
-                field,
-                format!("{n} is out of range; use a value from {min} to {max}"),
-            );
-            return default;
-        }
-        n as usize
+    /// Validates `text` as if it were the contents of `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigErrors> {
+        parse(path, text)
     }
 }
 
@@ -456,12 +363,11 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
     );
     let rate_limit = build_rate_limit_settings(cx, raw.rate_limit.as_ref());
     let listeners = build_listeners(cx, &raw.listeners);
-    let acme_table = raw.acme.as_ref().map(|t| super::acme::AcmeTable {
+    let acme_table = raw.acme.as_ref().map(|t| acme::AcmeTable {
         table: t.get_ref(),
-        span: t.span(),
         field: "acme".into(),
     });
-    let acme_base = super::acme::global(cx, acme_table.as_ref(), &resolve);
+    let acme_base = acme::global(cx, acme_table.as_ref(), &resolve);
     let sites = build_sites(cx, &raw.sites, &resolve, &acme_base, &listeners);
 
     // A listener declared https but with a bad address is reported on its
@@ -976,7 +882,7 @@ pub(crate) fn parse_host(h: &str) -> Result<HostPattern, String> {
 
 fn parse_tls(
     cx: &mut Ctx<'_>,
-    v: &Spanned<toml::Value>,
+    v: &Spanned<RawTls>,
     i: usize,
     resolve: &dyn Fn(&str) -> PathBuf,
     acme_base: &AcmeConfig,
@@ -987,21 +893,20 @@ fn parse_tls(
     let hint =
         "write tls = \"internal\" or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
     let any_hint = "write tls = \"internal\", tls = \"acme\", tls = { acme = { ... } } or tls = { cert = \"fullchain.pem\", key = \"privkey.pem\" }";
-    let acme = |cx: &mut Ctx<'_>, table: Option<&toml::Table>| {
+    let with_acme = |cx: &mut Ctx<'_>, table: Option<&RawAcme>| {
         let origin = cx.origin(&v.span(), &field);
-        let t = table.map(|table| super::acme::AcmeTable {
+        let t = table.map(|table| acme::AcmeTable {
             table,
-            span: v.span(),
             field: format!("{field}.acme"),
         });
-        let mut a = super::acme::site(cx, acme_base, t.as_ref(), origin, resolve);
-        super::acme::check_site(cx, &mut a, hosts, listeners, &v.span(), &field);
+        let mut a = acme::site(cx, acme_base, t.as_ref(), origin, resolve);
+        acme::check_site(cx, &mut a, hosts, listeners, &v.span(), &field);
         TlsSource::Acme(Box::new(a))
     };
     match v.get_ref() {
-        toml::Value::String(s) if s == "internal" => TlsSource::Internal,
-        toml::Value::String(s) if s == "acme" => acme(cx, None),
-        toml::Value::String(s) => {
+        RawTls::Name(s) if s == "internal" => TlsSource::Internal,
+        RawTls::Name(s) if s == "acme" => with_acme(cx, None),
+        RawTls::Name(s) => {
             cx.err(
                 &v.span(),
                 &field,
@@ -1009,43 +914,42 @@ fn parse_tls(
             );
             TlsSource::Internal
         }
-        toml::Value::Table(t) if t.contains_key("acme") => {
-            if let Some(other) = t.keys().find(|k| *k != "acme") {
-                cx.err(
-                    &v.span(),
-                    &format!("{field}.{other}"),
-                    "cannot be combined with acme; keep either acme = { ... } or cert and key",
-                );
-            }
-            match &t["acme"] {
-                toml::Value::Table(a) => acme(cx, Some(a)),
-                _ => {
-                    cx.err(
-                        &v.span(),
+        RawTls::Table(t) if t.iter().any(|(k, _)| k.get_ref() == "acme") => {
+            let mut source = TlsSource::Internal;
+            for (k, val) in t {
+                match (k.get_ref().as_str(), val.get_ref()) {
+                    ("acme", RawTlsValue::Table(a)) => source = with_acme(cx, Some(a)),
+                    ("acme", _) => cx.err(
+                        &val.span(),
                         &format!("{field}.acme"),
                         "must be a table such as acme = { directory = \"letsencrypt\", email = \"ops@example.com\" }",
-                    );
-                    TlsSource::Internal
+                    ),
+                    (other, _) => cx.err(
+                        &k.span(),
+                        &format!("{field}.{other}"),
+                        "cannot be combined with acme; keep either acme = { ... } or cert and key",
+                    ),
                 }
             }
+            source
         }
-        toml::Value::Table(t) => {
+        RawTls::Table(t) => {
             let mut cert = None;
             let mut key = None;
             for (k, val) in t {
-                match (k.as_str(), val) {
-                    ("cert", toml::Value::String(s)) => cert = Some(resolve(s)),
-                    ("key", toml::Value::String(s)) => key = Some(resolve(s)),
+                match (k.get_ref().as_str(), val.get_ref()) {
+                    ("cert", RawTlsValue::Str(s)) => cert = Some(resolve(s)),
+                    ("key", RawTlsValue::Str(s)) => key = Some(resolve(s)),
                     ("cert" | "key", _) => {
                         cx.err(
-                            &v.span(),
-                            &format!("{field}.{k}"),
+                            &val.span(),
+                            &format!("{field}.{}", k.get_ref()),
                             "must be a file path string",
                         );
                     }
                     (other, _) => {
                         cx.err(
-                            &v.span(),
+                            &k.span(),
                             &format!("{field}.{other}"),
                             format!("unknown key \"{other}\"; expected cert and key, or acme"),
                         );
@@ -1076,7 +980,7 @@ fn parse_tls(
                 }
             }
         }
-        _ => {
+        RawTls::Other => {
             cx.err(&v.span(), &field, any_hint);
             TlsSource::Internal
         }
