@@ -142,8 +142,8 @@ const STRINGS: &[&str] = &[
 /// dates, lists and inline tables nested a few levels.
 fn value() -> impl Strategy<Value = String> {
     let leaf = prop_oneof![
-        4 => prop::sample::select(STRINGS).prop_map(|s| format!("{s:?}")),
-        1 => "[ -~]{0,12}".prop_map(|s| format!("{s:?}")),
+        4 => prop::sample::select(STRINGS).prop_map(quote),
+        1 => "[ -~]{0,12}".prop_map(|s| quote(&s)),
         1 => "[ -~]{0,12}".prop_map(|s| format!("'{}'", s.replace('\'', ""))),
         2 => prop_oneof![
             Just(0i64), Just(1), Just(-1), Just(443), Just(65536), Just(i64::MAX), Just(i64::MIN),
@@ -163,6 +163,49 @@ fn value() -> impl Strategy<Value = String> {
             }),
         ]
     })
+}
+
+/// `s` as a TOML basic string (Rust's `{:?}` escapes are not all TOML).
+fn quote(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// A new value for a line of reference.toml.
+#[derive(Debug, Clone)]
+enum Replacement {
+    /// A string and a whole number: the one of the line's type is used.
+    SameType(String, String),
+    /// Any value, of any type.
+    Any(String),
+}
+
+fn replacement() -> impl Strategy<Value = Replacement> {
+    let int = prop_oneof![
+        Just(0i64),
+        Just(1),
+        Just(-1),
+        Just(3),
+        Just(65536),
+        Just(i64::MAX),
+        any::<i64>()
+    ];
+    prop_oneof![
+        29 => (prop::sample::select(STRINGS).prop_map(quote), int.prop_map(|n| n.to_string()))
+            .prop_map(|(s, n)| Replacement::SameType(s, n)),
+        1 => value().prop_map(Replacement::Any),
+    ]
 }
 
 /// A line of a structured document.
@@ -293,6 +336,40 @@ proptest! {
     #[test]
     fn mutated_quickstart_never_panics(ms in prop::collection::vec(mutation(), 1..4)) {
         load_checked(mutate(QUICKSTART, &ms).as_bytes())?;
+    }
+
+    /// reference.toml with some values replaced by random ones, mostly of
+    /// the type the key has there, so most cases get past serde into the
+    /// checks of src/config/validate.rs.
+    #[test]
+    fn reference_with_random_values_never_panics(
+        values in prop::collection::vec(prop::option::weighted(0.1, replacement()), 300),
+    ) {
+        let mut values = values.into_iter();
+        let text: Vec<String> = REFERENCE
+            .lines()
+            .map(|l| {
+                let Some((k, old)) = l.split_once(" = ") else {
+                    return l.to_string();
+                };
+                let Some(r) = values.next().flatten() else {
+                    return l.to_string();
+                };
+                let old = old.trim_start();
+                // Comments, a multi-line list's first line, its elements.
+                if l.trim_start().starts_with(['#', '{']) || old.starts_with('[') {
+                    return l.to_string();
+                }
+                let v = match r {
+                    Replacement::SameType(s, _) if old.starts_with('"') => s,
+                    Replacement::SameType(_, n) if old.starts_with(|c: char| c.is_ascii_digit()) => n,
+                    Replacement::SameType(..) => return l.to_string(),
+                    Replacement::Any(v) => v,
+                };
+                format!("{k} = {v}")
+            })
+            .collect();
+        load_checked((text.join("\n") + "\n").as_bytes())?;
     }
 
     /// reference.toml (every key) mutated the same way.
