@@ -21,15 +21,33 @@ use ctx::Ctx;
 impl Config {
     /// Reads and validates `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let error = |line: usize, message: String| {
             ConfigErrors(vec![ConfigError {
                 origin: Origin {
                     file: path.to_path_buf(),
-                    line: 0,
+                    line,
                     field: "file".into(),
                 },
-                message: format!("cannot read the configuration file: {e}"),
+                message,
             }])
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| error(0, format!("cannot read the configuration file: {e}")))?;
+        // Not UTF-8: name the line of the first bad byte, like any other error.
+        let text = String::from_utf8(bytes).map_err(|e| {
+            let at = e.utf8_error().valid_up_to();
+            let bytes = e.as_bytes();
+            let line = bytes[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+            let column = at
+                - bytes[..at]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(0, |p| p + 1)
+                + 1;
+            error(
+                line,
+                format!("byte {column} of this line is not UTF-8; save the file as UTF-8"),
+            )
         })?;
         Config::parse(path, &text)
     }

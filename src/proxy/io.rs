@@ -315,6 +315,9 @@ enum ScanState {
     Done,
 }
 
+/// Longest chunk-size or trailer line followed (without its LF), bytes.
+const MAX_LINE: usize = 4096;
+
 /// Follows HTTP/1.1 request framing just far enough to find each head.
 struct HeadScanner {
     state: ScanState,
@@ -361,6 +364,13 @@ impl HeadScanner {
                     match find(&self.buf[start..], b"\r\n\r\n") {
                         Some(pos) => {
                             let end = start + pos + 4;
+                            if end > self.max_head + 4 {
+                                // Too large, however the reads were cut (the
+                                // check below only sees heads split across
+                                // reads).
+                                self.state = ScanState::Done;
+                                return;
+                            }
                             let rest_len = self.buf.len() - end;
                             self.finish_head(end);
                             // Continue with what followed the head in this read.
@@ -369,7 +379,9 @@ impl HeadScanner {
                             self.buf.clear();
                         }
                         None => {
-                            if self.buf.len() > self.max_head + 4 {
+                            // No terminator yet: the head will be longer
+                            // than this buffer.
+                            if self.buf.len() >= self.max_head + 4 {
                                 self.state = ScanState::Done;
                             }
                             return;
@@ -407,13 +419,18 @@ impl HeadScanner {
                 ScanState::ChunkSize | ScanState::Trailers => {
                     let Some(nl) = data.iter().position(|b| *b == b'\n') else {
                         self.buf.extend_from_slice(data);
-                        if self.buf.len() > 4096 {
+                        if self.buf.len() > MAX_LINE {
                             self.state = ScanState::Done;
                         }
                         return;
                     };
                     self.buf.extend_from_slice(&data[..=nl]);
                     data = &data[nl + 1..];
+                    if self.buf.len() - 1 > MAX_LINE {
+                        // The same limit when the line came in one read.
+                        self.state = ScanState::Done;
+                        return;
+                    }
                     let line = std::mem::take(&mut self.buf);
                     let line = trim_crlf(&line);
                     if self.state == ScanState::Trailers {
@@ -497,6 +514,42 @@ impl HeadScanner {
         } else {
             self.state = ScanState::Head;
         }
+    }
+}
+
+/// What [`scan_for_tests`] concluded about a byte stream.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ScanVerdict {
+    /// Request heads found (complete ones, well-formed or not).
+    pub heads: u64,
+    /// Index of the first head with `Content-Length` and
+    /// `Transfer-Encoding` (what [`ConnShared::first_bad_head`] records).
+    pub first_bad_head: Option<u64>,
+    /// The scanner gave up following the framing (upgrade, CONNECT, an
+    /// unparsable head or chunk line, a head over `max_head`).
+    pub stopped: bool,
+}
+
+/// Runs the head scanner over `reads`, one `feed` per read, as
+/// [`ConnIo`] does with what each `poll_read` returns. Not an API: the
+/// scanner stays private; this is the one door the property tests in
+/// `tests/fuzz_head_scanner.rs` go through.
+#[doc(hidden)]
+pub fn scan_for_tests<'a>(
+    reads: impl IntoIterator<Item = &'a [u8]>,
+    max_head: usize,
+) -> ScanVerdict {
+    let shared = Arc::new(ConnShared::default());
+    let mut s = HeadScanner::new(shared.clone(), max_head);
+    for r in reads {
+        s.feed(r);
+    }
+    let bad = shared.first_bad_head.load(Ordering::Acquire);
+    ScanVerdict {
+        heads: s.heads,
+        first_bad_head: (bad != u64::MAX).then_some(bad),
+        stopped: s.state == ScanState::Done,
     }
 }
 
