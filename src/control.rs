@@ -262,6 +262,12 @@ impl Control {
                 path.display()
             ));
         }
+        // The access log: a new destination is opened before anything changes.
+        let access_log = if new.access_log.same_output(&current.access_log) {
+            None
+        } else {
+            Some(crate::accesslog::Output::open(&new.access_log).map_err(|e| e.to_string())?)
+        };
         // Certificates: new/changed sites load now; unchanged ones keep their slot.
         let old_map = self.rt.certs.map();
         let map =
@@ -337,6 +343,9 @@ impl Control {
             let old_snap = self.rt.snapshot.load_full();
             self.rt
                 .publish(Snapshot::from_config(&new, Some(&old_snap)));
+            if let Some(out) = access_log {
+                self.rt.access_log.switch(out);
+            }
 
             // Close listeners that went away (or change settings); open the new ones.
             let mut to_open = Vec::new();

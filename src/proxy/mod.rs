@@ -206,6 +206,8 @@ pub struct Runtime {
     pub epoch: Instant,
     /// Traffic metrics.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The access log (off until [`crate::accesslog::AccessLog::switch`]).
+    pub access_log: crate::accesslog::AccessLog,
 }
 
 impl Runtime {
@@ -226,6 +228,7 @@ impl Runtime {
             tracker: TaskTracker::new(),
             shutdown,
             epoch: Instant::now(),
+            access_log: crate::accesslog::AccessLog::new(metrics.access_log_dropped.clone()),
             metrics,
         });
         rt.metrics
