@@ -224,6 +224,8 @@ enum Msg {
     Line(Vec<u8>),
     /// Look at the control flags.
     Wake,
+    /// Lines after this one go to a new destination (config reload).
+    Switch(Box<Output>),
 }
 
 /// Flags from the control path to the writer.
@@ -233,7 +235,8 @@ struct Control {
     reopen: AtomicBool,
     /// Write what is queued, then exit.
     close: AtomicBool,
-    /// A new destination (config reload); taken by the writer.
+    /// A new destination that did not fit in the full queue; taken by
+    /// the writer at its next look.
     switch: Mutex<Option<Output>>,
 }
 
@@ -316,18 +319,23 @@ impl AccessLog {
         }
     }
 
-    /// Puts `out` in service (config reload): the format at once, the
-    /// destination at the writer's next drain (lines queued before it
-    /// may land in either place).
+    /// Puts `out` in service (start, config reload). The change travels
+    /// on the queue: lines queued before it go to the old destination,
+    /// lines after it to the new one (in the new format, but for requests
+    /// finishing at that very moment). With the queue full, the writer
+    /// takes it at its next look instead. Never blocks.
     pub fn switch(&self, out: Output) {
         let writer_alive = self.writer.lock().map(|w| w.is_some()).unwrap_or(false);
         let format = if writer_alive { out.format } else { OFF };
-        *self
-            .control
-            .switch
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = Some(out);
-        self.wake();
+        if let Err(TrySendError::Full(Msg::Switch(out))) =
+            self.tx.try_send(Msg::Switch(Box::new(out)))
+        {
+            *self
+                .control
+                .switch
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some(*out);
+        }
         self.format.store(format, Ordering::Relaxed);
     }
 
@@ -391,18 +399,7 @@ fn write_loop(rx: Receiver<Msg>, control: Arc<Control>, dropped: IntCounter) {
         }
         // Read before the drain: every line queued before the close is written.
         let closing = control.close.load(Ordering::Acquire);
-        let mut got = false;
-        let gone = loop {
-            match rx.try_recv() {
-                Ok(Msg::Line(l)) => {
-                    got = true;
-                    w.push(&l);
-                }
-                Ok(Msg::Wake) => {}
-                Err(TryRecvError::Empty) => break false,
-                Err(TryRecvError::Disconnected) => break true,
-            }
-        };
+        let (got, gone) = w.drain(&rx);
         // The queue is empty: flush.
         w.flush();
         if gone || closing {
@@ -414,11 +411,10 @@ fn write_loop(rx: Receiver<Msg>, control: Arc<Control>, dropped: IntCounter) {
             std::thread::sleep(TICK);
         } else {
             match rx.recv() {
-                Ok(Msg::Line(l)) => {
+                Ok(msg) => {
                     idle = 0;
-                    w.push(&l);
+                    w.handle(msg);
                 }
-                Ok(Msg::Wake) => {}
                 Err(_) => return,
             }
         }
@@ -435,6 +431,32 @@ struct Writer {
 }
 
 impl Writer {
+    /// Takes everything queued: (anything came, sender gone).
+    fn drain(&mut self, rx: &Receiver<Msg>) -> (bool, bool) {
+        let mut got = false;
+        loop {
+            match rx.try_recv() {
+                Ok(msg) => {
+                    got = true;
+                    self.handle(msg);
+                }
+                Err(TryRecvError::Empty) => return (got, false),
+                Err(TryRecvError::Disconnected) => return (got, true),
+            }
+        }
+    }
+
+    fn handle(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(l) => self.push(&l),
+            Msg::Wake => {}
+            Msg::Switch(out) => {
+                self.flush();
+                self.dest = out.dest;
+            }
+        }
+    }
+
     fn push(&mut self, line: &[u8]) {
         if !self.buf.is_empty() && self.buf.len() + line.len() > WRITE_BUF {
             self.flush();
