@@ -517,20 +517,46 @@ fn proto(v: Version) -> &'static str {
 /// `$remote_addr - - [$time_local] "$request" $status $body_bytes_sent`,
 /// time in UTC.
 fn clf_line(out: &mut String, e: &Entry<'_>, secs: u64) {
-    let (y, mo, d, h, mi, s) = civil(secs);
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let _ = write!(
-        out,
-        "{} - - [{d:02}/{}/{y}:{h:02}:{mi:02}:{s:02} +0000] \"",
-        e.client,
-        MONTHS[(mo - 1) as usize]
-    );
+    let _ = write!(out, "{} - - [", e.client);
+    with_stamp(secs, |st| out.push_str(&st.clf));
+    out.push_str("] \"");
     clf_bytes(out, Some(e.method.as_bytes()));
     out.push(' ');
     clf_bytes(out, Some(e.target.as_bytes()));
     let _ = write!(out, " {}\" {} {}", proto(e.version), e.status, e.bytes);
+}
+
+/// The current second, formatted once per second and thread.
+struct Stamp {
+    secs: u64,
+    /// `07/Dec/2026:23:14:01 +0000`
+    clf: String,
+    /// `2026-12-07T23:14:01`
+    iso: String,
+}
+
+thread_local! {
+    static STAMP: std::cell::RefCell<Stamp> = const {
+        std::cell::RefCell::new(Stamp { secs: u64::MAX, clf: String::new(), iso: String::new() })
+    };
+}
+
+fn with_stamp(secs: u64, f: impl FnOnce(&Stamp)) {
+    STAMP.with_borrow_mut(|st| {
+        if st.secs != secs {
+            const MONTHS: [&str; 12] = [
+                "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+            ];
+            let (y, mo, d, h, mi, s) = civil(secs);
+            st.secs = secs;
+            st.clf.clear();
+            st.iso.clear();
+            let month = MONTHS[(mo - 1) as usize];
+            let _ = write!(st.clf, "{d:02}/{month}/{y}:{h:02}:{mi:02}:{s:02} +0000");
+            let _ = write!(st.iso, "{y}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}");
+        }
+        f(st)
+    })
 }
 
 /// A field of a CLF line, escaped as nginx does (`"`, `\`, control and
@@ -543,6 +569,12 @@ fn clf_bytes(out: &mut String, v: Option<&[u8]>) {
             return;
         }
     };
+    let plain = |b: &u8| *b != b'"' && *b != b'\\' && (0x20..0x7f).contains(b);
+    if v.iter().all(plain) {
+        // Printable ASCII only: valid UTF-8 as is.
+        out.push_str(std::str::from_utf8(v).unwrap_or_default());
+        return;
+    }
     for &b in v {
         if b == b'"' || b == b'\\' || !(0x20..0x7f).contains(&b) {
             let _ = write!(out, "\\x{b:02X}");
@@ -553,14 +585,15 @@ fn clf_bytes(out: &mut String, v: Option<&[u8]>) {
 }
 
 fn json_line(out: &mut String, e: &Entry<'_>, since: Duration) {
-    let (y, mo, d, h, mi, s) = civil(since.as_secs());
     let (path, query) = match e.target.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (e.target, None),
     };
+    out.push_str("{\"time\":\"");
+    with_stamp(since.as_secs(), |st| out.push_str(&st.iso));
     let _ = write!(
         out,
-        "{{\"time\":\"{y}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{:03}Z\",\"client\":\"{}\",\"host\":",
+        ".{:03}Z\",\"client\":\"{}\",\"host\":",
         since.subsec_millis(),
         e.client
     );

@@ -124,7 +124,7 @@ pub async fn handle(
     let method = req.method().clone();
     let mut log = ctx.rt.access_log.enabled().then(|| {
         let headers = ctx.rt.access_log.needs_headers();
-        let header = |name| headers.then(|| req.headers().get(name).cloned()).flatten();
+        let keep = |name| headers.then(|| req.headers().get(name).cloned()).flatten();
         Box::new(AccessLine {
             start,
             method: method.clone(),
@@ -137,8 +137,8 @@ pub async fn handle(
             upstream: None,
             status: 0,
             version: req.version(),
-            referer: header(header::REFERER),
-            user_agent: header(header::USER_AGENT),
+            referer: keep(header::REFERER),
+            user_agent: keep(header::USER_AGENT),
         })
     });
     let mut routed = Routed::default();
