@@ -271,6 +271,12 @@ impl Control {
                 path.display()
             ));
         }
+        // The access log: a new destination is opened before anything changes.
+        let access_log = if new.access_log.same_output(&current.access_log) {
+            None
+        } else {
+            Some(crate::accesslog::Output::open(&new.access_log).map_err(|e| e.to_string())?)
+        };
         // Certificates: new/changed sites load now; unchanged ones keep their slot.
         // Reading and parsing certificate files blocks: not on an async worker.
         let (old_map, ca) = (self.rt.certs.map_full(), self.ca.clone());
@@ -349,6 +355,9 @@ impl Control {
             // ACME tasks follow the new sites (their slots are in service now).
             self.acme.sync(&new);
             self.rt.publish(self.rt.build(&new));
+            if let Some(out) = access_log {
+                self.rt.access_log.switch(out);
+            }
 
             // Close listeners that went away (or change settings); open the new ones.
             let mut to_open = Vec::new();

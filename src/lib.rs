@@ -18,7 +18,11 @@
 //! - [`admin`]: the admin listener (health, readiness, metrics, inventory, reload).
 //! - [`metrics`]: the Prometheus registry and the certificate expiry series.
 //! - [`ops`]: on-call commands (`certs`, `inspect`, admin requests).
-//! - [`shutdown`]: the signals that stop or reload the server.
+//! - [`shutdown`]: the signals that stop or reload the server, or reopen
+//!   the access log.
+//! - [`accesslog`]: the access log: requests queue formatted lines without
+//!   blocking (full queue: dropped and counted), one writer thread writes
+//!   them to a file, stderr or stdout.
 //! - [`hostmap`]: exact / wildcard / default name lookup shared by SNI and
 //!   routing.
 //!
@@ -28,6 +32,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod accesslog;
 pub mod acme;
 pub mod admin;
 pub mod certstore;
@@ -74,6 +79,9 @@ pub enum Error {
     /// An ACME setting cannot be used (e.g. an unreadable `ca_root`).
     #[error("{0}")]
     Acme(String),
+    /// The access log file cannot be opened.
+    #[error("{0}")]
+    AccessLog(#[from] accesslog::AccessLogError),
 }
 
 /// A bound, ready-to-run server.
@@ -103,7 +111,9 @@ impl Server {
         };
         let certs = Arc::new(CertStore::load(&config, ca.as_deref()).map_err(Error::Certs)?);
         let metrics = Arc::new(metrics::Metrics::new());
+        let access_log = accesslog::Output::open(&config.access_log)?;
         let rt = proxy::Runtime::new(&config, certs, metrics.clone(), shutdown.clone())?;
+        rt.access_log.switch(access_log);
         let mut listeners = Vec::new();
         for l in &config.listeners {
             listeners.push((l.clone(), bind(l.addr)?));
@@ -183,6 +193,8 @@ impl Server {
         let background = CancellationToken::new();
         // Before listening: a SIGHUP that arrives once we are reachable reloads.
         shutdown::on_reload_signal(control.clone(), background.clone());
+        // Likewise SIGUSR1 (reopen the access log; its default action also kills).
+        shutdown::on_reopen_signal(rt.clone(), background.clone());
         for (cfg, listener) in self.listeners {
             control.open(cfg, listener);
         }
@@ -247,6 +259,9 @@ impl Server {
             tracing::info!("all connections finished");
         }
         admin_stop.cancel();
+        // Every line of the finished requests reaches the log before we return.
+        let rt2 = rt.clone();
+        let _ = tokio::task::spawn_blocking(move || rt2.access_log.flush_and_close()).await;
         Ok(())
     }
 }

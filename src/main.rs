@@ -177,7 +177,11 @@ fn init_logging(format: LogFormat) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Json => {
+            // Access-log lines on stderr follow, unless the config names a format.
+            portcullis::accesslog::set_default_format(portcullis::config::AccessLogFormat::Json);
+            builder.json().flatten_event(true).init()
+        }
     }
 }
 

@@ -36,6 +36,8 @@ pub mod names {
     pub const ACME_RENEWALS: &str = "portcullis_acme_renewals_total";
     /// When each ACME certificate will next be renewed (or retried).
     pub const ACME_NEXT_RENEWAL: &str = "portcullis_acme_next_renewal_timestamp_seconds";
+    /// Access-log lines lost: the queue to the writer was full, or the write failed.
+    pub const ACCESS_LOG_DROPPED: &str = "portcullis_access_log_dropped_total";
 }
 
 /// Traffic and control-plane metrics of one server.
@@ -73,6 +75,8 @@ pub struct Metrics {
     /// ACME orders by site and result (`success`, `failure`); both series
     /// exist from the start for every ACME site.
     pub acme_renewals: IntCounterVec,
+    /// Access-log lines lost (queue full or write failed); 0 under normal load.
+    pub access_log_dropped: IntCounter,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -193,8 +197,14 @@ impl Metrics {
             &["name", "result"],
         )
         .expect("valid metric");
+        let access_log_dropped = IntCounter::new(
+            names::ACCESS_LOG_DROPPED,
+            "Access-log lines lost because the queue to the writer was full or the write failed",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(acme_renewals.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(access_log_dropped.clone()),
             Box::new(ratelimit_limited.clone()),
             Box::new(ratelimit_tracked.clone()),
             Box::new(requests.clone()),
@@ -235,6 +245,7 @@ impl Metrics {
             ratelimit_limited,
             ratelimit_tracked,
             acme_renewals,
+            access_log_dropped,
         }
     }
 

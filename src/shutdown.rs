@@ -1,4 +1,5 @@
-//! Process signals: SIGTERM and SIGINT start a graceful shutdown. Control path.
+//! Process signals: SIGTERM and SIGINT start a graceful shutdown, SIGHUP
+//! reloads, SIGUSR1 reopens the access log. Control path.
 
 use tokio_util::sync::CancellationToken;
 
@@ -56,4 +57,31 @@ pub fn on_reload_signal(control: std::sync::Arc<crate::control::Control>, stop: 
     }
     #[cfg(not(unix))]
     let _ = (control, stop);
+}
+
+/// Reopens the access log file on every SIGUSR1 (logrotate: rename the
+/// file, send SIGUSR1, a new file appears). Installed before this returns,
+/// for the same reason as [`on_reload_signal`]: SIGUSR1's default action
+/// terminates the process.
+pub fn on_reopen_signal(rt: std::sync::Arc<crate::proxy::Runtime>, stop: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+            tracing::warn!("cannot listen for SIGUSR1; the access log cannot be reopened");
+            return;
+        };
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = usr1.recv() => if r.is_none() { return },
+                }
+                tracing::info!("SIGUSR1 received; reopening the access log");
+                rt.access_log.reopen();
+            }
+        });
+    }
+    #[cfg(not(unix))]
+    let _ = (rt, stop);
 }

@@ -57,6 +57,68 @@ pub struct Config {
     pub cert_poll_interval: Duration,
     /// Settings shared by every rate limit.
     pub rate_limit: RateLimitSettings,
+    /// Where the access log goes, and its format.
+    pub access_log: AccessLogConfig,
+}
+
+/// The access log's destination and format (`access_log`,
+/// `access_log_format`).
+#[derive(Debug, Clone)]
+pub struct AccessLogConfig {
+    /// Where lines go.
+    pub target: AccessLogTarget,
+    /// The line format; `None` when the file does not say, so the process
+    /// default applies (`json` under `--log-format json`, else `combined`).
+    pub format: Option<AccessLogFormat>,
+    /// The `access_log` value in the file, for error messages (opening the
+    /// file happens later).
+    pub origin: Origin,
+}
+
+impl AccessLogConfig {
+    /// Whether `other` writes the same lines to the same place (the origin
+    /// may differ: a reload that only moved the line keeps the open file).
+    pub fn same_output(&self, other: &AccessLogConfig) -> bool {
+        self.target == other.target && self.format == other.format
+    }
+}
+
+impl Default for AccessLogConfig {
+    fn default() -> Self {
+        AccessLogConfig {
+            target: AccessLogTarget::Stderr,
+            format: None,
+            origin: Origin {
+                file: PathBuf::new(),
+                line: 0,
+                field: "access_log".into(),
+            },
+        }
+    }
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AccessLogTarget {
+    /// Not written; nothing is gathered per request.
+    Off,
+    /// The process's standard error (the default).
+    Stderr,
+    /// The process's standard output.
+    Stdout,
+    /// Appended to this file; `SIGUSR1` reopens it (log rotation).
+    File(PathBuf),
+}
+
+/// The format of an access-log line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object per line.
+    Json,
+    /// NCSA common log format (`$remote_addr - - [$time] "$request" $status $bytes`).
+    Common,
+    /// Common plus `"$http_referer" "$http_user_agent"` (nginx's default).
+    Combined,
 }
 
 /// Settings shared by every rate limit.
@@ -509,6 +571,7 @@ impl Config {
             limits: Limits::default(),
             cert_poll_interval: Duration::from_secs(60),
             rate_limit: RateLimitSettings::default(),
+            access_log: AccessLogConfig::default(),
         }
     }
 }

@@ -139,6 +139,10 @@ impl<'de> Deserialize<'de> for RawTlsValue {
 pub(crate) struct RawConfig {
     /// Directory for the internal CA and ACME state.
     pub state_dir: Option<Spanned<String>>,
+    /// Access log destination: a path, `"stderr"`, `"stdout"` or `"off"`.
+    pub access_log: Option<Spanned<String>>,
+    /// Access log format: `"json"`, `"common"` or `"combined"`.
+    pub access_log_format: Option<Spanned<String>>,
     /// The admin listener.
     pub admin: Option<RawAdmin>,
     /// Timeouts for downstream and upstream connections.

@@ -380,6 +380,12 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         Duration::from_secs(60),
     );
     let rate_limit = build_rate_limit_settings(cx, raw.rate_limit.as_ref());
+    let access_log = build_access_log(
+        cx,
+        (raw.access_log.as_ref(), raw.access_log_format.as_ref()),
+        path,
+        &resolve,
+    );
     let listeners = build_listeners(cx, &raw.listeners);
     let acme_table = raw.acme.as_ref().map(|t| acme::AcmeTable {
         table: t.get_ref(),
@@ -419,6 +425,7 @@ fn build(cx: &mut Ctx<'_>, raw: RawConfig, path: &Path) -> Config {
         limits,
         cert_poll_interval,
         rate_limit,
+        access_log,
     }
 }
 
@@ -478,6 +485,59 @@ fn admin_access(
         }
     }
     access
+}
+
+fn build_access_log(
+    cx: &mut Ctx<'_>,
+    (target, format): (Option<&Spanned<String>>, Option<&Spanned<String>>),
+    path: &Path,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> AccessLogConfig {
+    let mut out = AccessLogConfig::default();
+    out.origin.file = path.to_path_buf();
+    if let Some(v) = target {
+        out.origin = cx.origin(&v.span(), "access_log");
+        out.target = match v.get_ref().trim() {
+            "" => {
+                cx.err(
+                    &v.span(),
+                    "access_log",
+                    "is empty; give a file path such as \"/var/log/portcullis/access.log\", or \"stderr\", \"stdout\" or \"off\"",
+                );
+                AccessLogTarget::Stderr
+            }
+            "off" => AccessLogTarget::Off,
+            "stderr" => AccessLogTarget::Stderr,
+            "stdout" => AccessLogTarget::Stdout,
+            p if p.ends_with('/') => {
+                cx.err(
+                    &v.span(),
+                    "access_log",
+                    format!("\"{p}\" is a directory; name a file in it, such as \"{p}access.log\""),
+                );
+                AccessLogTarget::Stderr
+            }
+            p => AccessLogTarget::File(resolve(p)),
+        };
+    }
+    if let Some(v) = format {
+        out.format = match v.get_ref().as_str() {
+            "json" => Some(AccessLogFormat::Json),
+            "common" => Some(AccessLogFormat::Common),
+            "combined" => Some(AccessLogFormat::Combined),
+            other => {
+                cx.err(
+                    &v.span(),
+                    "access_log_format",
+                    format!(
+                        "\"{other}\" is not a format; use \"json\", \"common\" or \"combined\""
+                    ),
+                );
+                None
+            }
+        };
+    }
+    out
 }
 
 fn build_rate_limit_settings(

@@ -35,15 +35,19 @@ pub(crate) struct ConnCtx {
 }
 
 /// The access-log facts of a request; only gathered while the access log
-/// is on (`target: "access"` at info).
+/// is on (`rt.access_log.enabled()`), the headers only when its format
+/// prints them.
 struct AccessLine {
     start: Instant,
     method: Method,
     host: String,
-    path: String,
+    /// Path and query.
+    target: String,
     upstream: Option<Arc<str>>,
     status: u16,
     version: Version,
+    referer: Option<HeaderValue>,
+    user_agent: Option<HeaderValue>,
 }
 
 /// Where routing sent a request.
@@ -71,19 +75,20 @@ impl Finish for RequestDone {
     fn finish(self, bytes: u64) {
         let Some(a) = self.log else { return };
         let ctx = &self.in_flight.0;
-        tracing::info!(
-            target: "access",
-            client = %ctx.peer.addr.ip(),
-            host = %a.host,
-            sni = ctx.peer.sni.as_deref().unwrap_or("-"),
-            method = %a.method,
-            path = %a.path,
-            proto = ?a.version,
-            status = a.status,
+        ctx.rt.access_log.log(&crate::accesslog::Entry {
+            client: ctx.peer.addr.ip(),
+            host: &a.host,
+            sni: ctx.peer.sni.as_deref(),
+            method: a.method.as_str(),
+            target: &a.target,
+            version: a.version,
+            status: a.status,
             bytes,
-            duration_ms = a.start.elapsed().as_secs_f64() * 1000.0,
-            upstream = a.upstream.as_deref().unwrap_or("-"),
-        );
+            duration: a.start.elapsed(),
+            upstream: a.upstream.as_deref(),
+            referer: a.referer.as_ref().map(HeaderValue::as_bytes),
+            user_agent: a.user_agent.as_ref().map(HeaderValue::as_bytes),
+        });
     }
 }
 
@@ -96,15 +101,23 @@ pub(crate) async fn handle(
     let in_flight = InFlight::start(ctx.clone());
     let start = Instant::now();
     let method = req.method().clone();
-    let mut log = tracing::enabled!(target: "access", tracing::Level::INFO).then(|| {
+    let mut log = ctx.rt.access_log.enabled().then(|| {
+        let headers = ctx.rt.access_log.needs_headers();
+        let keep = |name| headers.then(|| req.headers().get(name).cloned()).flatten();
         Box::new(AccessLine {
             start,
             method: method.clone(),
             host: String::new(),
-            path: req.uri().path().to_string(),
+            target: req
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string(),
             upstream: None,
             status: 0,
             version: req.version(),
+            referer: keep(header::REFERER),
+            user_agent: keep(header::USER_AGENT),
         })
     });
     let mut routed = Routed::default();

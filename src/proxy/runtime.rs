@@ -45,6 +45,8 @@ pub struct Runtime {
     pub shedder: Arc<Shedder>,
     /// Traffic metrics.
     pub metrics: Arc<Metrics>,
+    /// The access log (off until [`crate::accesslog::AccessLog::switch`]).
+    pub access_log: crate::accesslog::AccessLog,
     /// Per-connection and error counters, resolved once (no label lookup
     /// on the hot path).
     pub counters: Counters,
@@ -122,6 +124,7 @@ impl Runtime {
             admission: Default::default(),
             shedder: Default::default(),
             counters: Counters::new(&metrics),
+            access_log: crate::accesslog::AccessLog::new(metrics.access_log_dropped.clone()),
             metrics,
         });
         let weak = Arc::downgrade(&rt);
