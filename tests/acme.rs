@@ -5,14 +5,13 @@
 //! renewal information (ARI) through a local responder, EAB, config reload.
 //! Pebble must be installed (tests/run-all.sh installs it); nothing skips.
 
-mod acme_support;
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use acme_support::*;
+use common::acme::*;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -64,7 +63,7 @@ async fn issued(
         "",
         &site(name, hosts, acme),
     );
-    let proxy = Proxy::start(dir.path(), &toml, |http, https| {
+    let proxy = Proxy::launch(dir.path(), &toml, |http, https| {
         pebble.start(http.unwrap_or(1), https)
     })
     .await;
@@ -116,7 +115,7 @@ async fn http01_certificate_is_issued_stored_and_served() {
     assert_eq!(meta["serial"], serial);
 
     // Inventory and metrics.
-    let r = cert_report(proxy.admin, "web").await;
+    let r = cert_report(proxy.admin(), "web").await;
     assert_eq!(r["source"], "acme");
     assert_eq!(r["auto_renew"], true);
     assert_eq!(r["serial"], serial);
@@ -125,7 +124,7 @@ async fn http01_certificate_is_issued_stored_and_served() {
     assert!(r["next_renewal"].is_string(), "{r}");
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
         )
         .await,
@@ -133,14 +132,14 @@ async fn http01_certificate_is_issued_stored_and_served() {
     );
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
         )
         .await,
         Some(0.0)
     );
     let next = metric(
-        proxy.admin,
+        proxy.admin(),
         "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
     )
     .await
@@ -188,7 +187,7 @@ async fn tls_alpn01_certificate_is_issued_and_served_over_h2() {
         let (status, body) = get(proxy.https, host, client.clone()).await.unwrap();
         assert_eq!((status, body.as_str()), (200, "hello from alpn\n"));
     }
-    let r = cert_report(proxy.admin, "alpn").await;
+    let r = cert_report(proxy.admin(), "alpn").await;
     assert_eq!(r["key_type"], "RSA-2048");
     // Once the challenge is over, an `acme-tls/1` hello is an ordinary
     // one: refused, since the proxy speaks only h2 and http/1.1.
@@ -249,7 +248,7 @@ case "$status" in *" 200"*) exit 0 ;; *) echo "challtestsrv: $status" >&2; exit 
         "",
         &sites,
     );
-    let proxy = Proxy::start(dir.path(), &toml, |_, https| pebble.start(1, https)).await;
+    let proxy = Proxy::launch(dir.path(), &toml, |_, https| pebble.start(1, https)).await;
     let serial = proxy.wait_issued("wild", None, ISSUE, &pebble).await;
     let client = pebble.issued_client(&[b"http/1.1"]).await;
     for host in ["a.wild.test", "other.wild.test"] {
@@ -277,7 +276,7 @@ async fn restart_serves_the_stored_certificate_and_orders_nothing() {
     let toml = std::fs::read_to_string(&proxy.config_path).unwrap();
     proxy.stop().await;
 
-    let again = Proxy::start(dir.path(), &toml, |_, _| async {}).await;
+    let again = Proxy::launch(dir.path(), &toml, |_, _| async {}).await;
     // In service at once, before any task ran.
     assert_eq!(again.serial("web").as_deref(), Some(serial.as_str()));
     let client = pebble.issued_client(&[b"http/1.1"]).await;
@@ -292,11 +291,11 @@ async fn restart_serves_the_stored_certificate_and_orders_nothing() {
         "a restart must not order"
     );
     assert_eq!(again.serial("web").as_deref(), Some(serial.as_str()));
-    let r = cert_report(again.admin, "web").await;
+    let r = cert_report(again.admin(), "web").await;
     assert!(r["last_error"].is_null(), "{r}");
     // Pebble's default lifetime is years: renewal is far away.
     let next = metric(
-        again.admin,
+        again.admin(),
         "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
     )
     .await
@@ -308,7 +307,7 @@ async fn restart_serves_the_stored_certificate_and_orders_nothing() {
     assert!(next > now + 86_400.0, "next renewal {next} vs now {now}");
     assert_eq!(
         metric(
-            again.admin,
+            again.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
         )
         .await,
@@ -400,7 +399,7 @@ async fn short_lived_certificate_is_renewed_under_load_with_no_failed_request() 
     );
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
         )
         .await,
@@ -426,7 +425,7 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
     // attempt fails and is retried with backoff (base 1 s, cap 3 s).
     let failure = "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}";
     loop {
-        let n = metric(proxy.admin, failure).await.unwrap();
+        let n = metric(proxy.admin(), failure).await.unwrap();
         if n >= 2.0 {
             break;
         }
@@ -443,7 +442,7 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
     );
     // The error is visible, the next attempt is a backoff away, the old
     // certificate still serves.
-    let r = cert_report(proxy.admin, "web").await;
+    let r = cert_report(proxy.admin(), "web").await;
     assert_eq!(r["last_result"], "error");
     assert!(
         r["last_error"]
@@ -454,7 +453,7 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
     );
     assert_eq!(r["serial"], first);
     let next = metric(
-        proxy.admin,
+        proxy.admin(),
         "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
     )
     .await
@@ -471,7 +470,7 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
         .await
         .expect("old certificate still served");
     assert_eq!(common::serial_of(&leaf), first);
-    let (status, body) = admin(proxy.admin, "POST", "/certs/web/renew?force=1").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/certs/web/renew?force=1").await;
     assert_eq!(status, 502, "{body}");
 
     // Pebble is back (with no memory of the account): the next retry
@@ -484,7 +483,7 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
         issued_at.elapsed() < Duration::from_secs(36),
         "renewed after expiry"
     );
-    let r = cert_report(proxy.admin, "web").await;
+    let r = cert_report(proxy.admin(), "web").await;
     assert!(r["last_error"].is_null(), "{r}");
     assert_eq!(r["last_result"], "ok");
     let client = pebble.issued_client(&[b"http/1.1"]).await;
@@ -512,7 +511,7 @@ async fn refused_nonces_are_retried_beyond_the_librarys_two() {
     assert_eq!(common::serial_of(&leaf), serial);
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
         )
         .await,
@@ -530,13 +529,13 @@ async fn forced_renewal_then_revocation_with_a_fresh_key_each_time() {
         .await
         .unwrap();
 
-    let (status, body) = admin(proxy.admin, "POST", "/certs/web/renew").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/certs/web/renew").await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["renewed"], false, "not due: {body}");
     assert!(v["reason"].as_str().unwrap().contains("force"), "{body}");
 
-    let (status, body) = admin(proxy.admin, "POST", "/certs/web/renew?force=1").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/certs/web/renew?force=1").await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["renewed"], true);
@@ -554,14 +553,14 @@ async fn forced_renewal_then_revocation_with_a_fresh_key_each_time() {
     );
 
     // Bad requests are refused with what to do.
-    let (status, body) = admin(proxy.admin, "POST", "/certs/web/revoke").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/certs/web/revoke").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("key-compromise"));
-    let (status, _) = admin(proxy.admin, "POST", "/certs/nope/revoke?reason=superseded").await;
+    let (status, _) = admin(proxy.admin(), "POST", "/certs/nope/revoke?reason=superseded").await;
     assert_eq!(status, 404);
 
     // The CLI: replacement first, then revocation of the old one.
-    let admin_url = format!("http://{}", proxy.admin);
+    let admin_url = format!("http://{}", proxy.admin());
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
             .args([
@@ -598,7 +597,7 @@ async fn forced_renewal_then_revocation_with_a_fresh_key_each_time() {
     assert_eq!(pebble.cert_status(&third).await.0, "Valid");
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
         )
         .await,
@@ -619,7 +618,7 @@ async fn ari_window_schedules_the_renewal_and_the_order_replaces_the_old_certifi
         "",
         &site("web", &["web.test"], ""),
     );
-    let proxy = Proxy::start(dir.path(), &toml, |http, https| {
+    let proxy = Proxy::launch(dir.path(), &toml, |http, https| {
         pebble.start(http.unwrap(), https)
     })
     .await;
@@ -644,7 +643,7 @@ async fn ari_window_schedules_the_renewal_and_the_order_replaces_the_old_certifi
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let next = metric(
-        proxy.admin,
+        proxy.admin(),
         "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
     )
     .await
@@ -698,7 +697,7 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
         "",
         &sites,
     );
-    let proxy = Proxy::start(dir.path(), &toml, |_, _| async {}).await;
+    let proxy = Proxy::launch(dir.path(), &toml, |_, _| async {}).await;
 
     let any = common::Pki::new().client_config(&[b"http/1.1"]);
     let err = handshake(proxy.https, "plain.test", any)
@@ -732,7 +731,7 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
     // The failure is visible; both sites keep retrying.
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = cert_report(proxy.admin, "plain").await;
+        let r = cert_report(proxy.admin(), "plain").await;
         if r["last_error"].is_string() {
             assert!(
                 r["last_error"]
@@ -750,7 +749,7 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
     }
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"plain\",result=\"success\"}"
         )
         .await,
@@ -758,7 +757,7 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
     );
     assert!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"fallback\",result=\"failure\"}"
         )
         .await
@@ -806,7 +805,7 @@ async fn config_reload_adds_an_acme_site_and_keeps_the_others_renewing() {
         format!("{toml}\n{}", site("two", &["two.test"], "")),
     )
     .unwrap();
-    let (status, body) = admin(proxy.admin, "POST", "/reload").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/reload").await;
     assert_eq!(status, 200, "{body}");
     let two = proxy.wait_issued("two", None, ISSUE, &pebble).await;
     assert_eq!(
@@ -816,14 +815,14 @@ async fn config_reload_adds_an_acme_site_and_keeps_the_others_renewing() {
     );
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"two\",result=\"failure\"}"
         )
         .await,
         Some(0.0)
     );
     // The first site's task still runs after the reload.
-    let (status, body) = admin(proxy.admin, "POST", "/certs/one/renew?force=1").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/certs/one/renew?force=1").await;
     assert_eq!(status, 200, "{body}");
     let client = pebble.issued_client(&[b"http/1.1"]).await;
     for (host, not) in [("one.test", first.as_str()), ("two.test", "")] {
@@ -839,7 +838,7 @@ async fn config_reload_adds_an_acme_site_and_keeps_the_others_renewing() {
     let before = proxy.certs.slot("one").unwrap();
     let toml = std::fs::read_to_string(&proxy.config_path).unwrap();
     std::fs::write(&proxy.config_path, format!("# moved down\n\n{toml}")).unwrap();
-    let (status, body) = admin(proxy.admin, "POST", "/reload").await;
+    let (status, body) = admin(proxy.admin(), "POST", "/reload").await;
     assert_eq!(status, 200, "{body}");
     assert!(
         Arc::ptr_eq(&before, &proxy.certs.slot("one").unwrap()),
@@ -866,7 +865,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
         &site("web", &["web.test"], ""),
     );
     let started = SystemTime::now();
-    let proxy = Proxy::start(dir.path(), &toml, |http, https| {
+    let proxy = Proxy::launch(dir.path(), &toml, |http, https| {
         pebble.start(http.unwrap(), https)
     })
     .await;
@@ -874,7 +873,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
     // (6 s), past the configured cap (retry_max = 3 s).
     let deadline = Instant::now() + Duration::from_secs(10);
     let r = loop {
-        let r = cert_report(proxy.admin, "web").await;
+        let r = cert_report(proxy.admin(), "web").await;
         if r["last_error"].is_string() {
             break r;
         }
@@ -886,7 +885,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
         "{r}"
     );
     let next = metric(
-        proxy.admin,
+        proxy.admin(),
         "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
     )
     .await
@@ -910,7 +909,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
     );
     assert_eq!(
         metric(
-            proxy.admin,
+            proxy.admin(),
             "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
         )
         .await,
