@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use common::acme::*;
 use bytes::Bytes;
+use common::acme::*;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
@@ -556,7 +556,12 @@ async fn forced_renewal_then_revocation_with_a_fresh_key_each_time() {
     let (status, body) = admin(proxy.admin(), "POST", "/certs/web/revoke").await;
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("key-compromise"));
-    let (status, _) = admin(proxy.admin(), "POST", "/certs/nope/revoke?reason=superseded").await;
+    let (status, _) = admin(
+        proxy.admin(),
+        "POST",
+        "/certs/nope/revoke?reason=superseded",
+    )
+    .await;
     assert_eq!(status, 404);
 
     // The CLI: replacement first, then revocation of the old one.

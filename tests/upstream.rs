@@ -8,18 +8,17 @@
 //! health state kept across a reload, and config errors.
 
 mod common;
-mod upstream_harness;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Pki;
+use common::origin::*;
+use common::*;
 use http_body_util::Full;
 use hyper::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use upstream_harness::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -45,7 +44,7 @@ async fn spread(
 ) -> std::collections::HashMap<String, usize> {
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let mut send = h2_client(proxy, pki).await;
+        let mut send = h2_client(proxy.https, "api.test", pki).await;
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for _ in 0..n / concurrency {
@@ -80,7 +79,7 @@ async fn weighted_round_robin_shares_follow_the_weights() {
         b.addr,
         url(&c)
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let n = 1200;
     let count = spread(&proxy, &pki, n, 6).await;
     for (name, weight) in [("a", 3.0), ("b", 2.0), ("c", 1.0)] {
@@ -104,8 +103,8 @@ async fn least_requests_and_p2c_send_to_the_idle_upstream() {
             "[[sites.routes]]\nupstreams = [{}]\nlb = \"{lb}\"\n",
             list(&[&a, &b])
         );
-        let proxy = proxy(&pki, "", &routes, &[]).await;
-        let mut send = h2_client(&proxy, &pki).await;
+        let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
+        let mut send = h2_client(proxy.https, "api.test", &pki).await;
         // One slow request occupies one upstream.
         let mut held_send = send.clone();
         let held = tokio::spawn(async move { h2_get(&mut held_send, "/hold", &[]).await });
@@ -140,8 +139,12 @@ async fn hash_header_is_sticky_and_a_removed_upstream_moves_only_its_keys() {
     let c = Backend::start("c", Mode::H1).await;
     let route =
         |ups: &str| format!("[[sites.routes]]\nupstreams = [{ups}]\nlb = \"hash_header:x-user\"\n");
-    let proxy = proxy(&pki, "", &route(&list(&[&a, &b, &c])), &[]).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&route(&list(&[&a, &b, &c])))
+        .start(&pki)
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     let mut owner = Vec::new();
     for u in 0..40 {
         let user = format!("user-{u}");
@@ -158,8 +161,15 @@ async fn hash_header_is_sticky_and_a_removed_upstream_moves_only_its_keys() {
     assert_eq!(used.len(), 3, "40 users all hashed to {used:?}");
 
     // Remove c: its users move, nobody else does.
-    reload(&proxy, "", &route(&list(&[&a, &b]))).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    proxy
+        .reload(
+            &OneSite::new()
+                .admin()
+                .routes(&route(&list(&[&a, &b])))
+                .toml(),
+        )
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     for (u, before) in owner.iter().enumerate() {
         let (_, now) = h2_get(&mut send, "/", &[("x-user", &format!("user-{u}"))])
             .await
@@ -182,7 +192,7 @@ async fn hash_ip_keeps_each_client_address_on_one_upstream() {
         "[[sites.routes]]\nupstreams = [{}]\nlb = \"hash_ip\"\n",
         list(&[&a, &b, &c])
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let cfg = pki.client_config(&[b"http/1.1"]);
     let mut used = std::collections::HashSet::new();
     for last in 2..26u8 {
@@ -228,7 +238,7 @@ impl Load {
         let bad = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut handles = Vec::new();
         for _ in 0..tasks {
-            let mut send = h2_client(proxy, pki).await;
+            let mut send = h2_client(proxy.https, "api.test", pki).await;
             let (stop, ok, bad) = (stop.clone(), ok.clone(), bad.clone());
             handles.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -272,7 +282,7 @@ async fn killed_upstream_under_load_loses_no_request_and_is_taken_out_by_passive
         "[[sites.routes]]\nupstreams = [{}]\n[sites.routes.passive_health]\nfailures = 2\nwindow = \"10s\"\ncooldown = \"500ms\"\n",
         list(&[&a, &b, &c])
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let label = b.label();
     assert_eq!(healthy(&proxy, "/", &label).await, Some(1.0));
     let load = Load::start(&proxy, &pki, 6).await;
@@ -308,17 +318,27 @@ async fn killed_upstream_under_load_loses_no_request_and_is_taken_out_by_passive
         ok + bad.len(),
         &bad[..bad.len().min(5)]
     );
-    let retries = metric(&proxy, "portcullis_upstream_retries_total").await;
-    let b_retries = retries[&format!("site=\"api.test\",route=\"/\",upstream=\"{label}\"")];
+    let m = scrape(&proxy).await;
+    let on_b = [
+        ("site", "api.test"),
+        ("route", "/"),
+        ("upstream", label.as_str()),
+    ];
+    let b_retries = m
+        .exact("portcullis_upstream_retries_total", &on_b)
+        .expect("a retries series for b");
     assert!(
         b_retries >= 1.0,
-        "requests that failed on b were retried: {retries:?}"
+        "requests that failed on b were retried:\n{}",
+        m.text
     );
-    let errors = metric(&proxy, "portcullis_upstream_requests_total").await;
-    assert!(
-        errors[&format!("site=\"api.test\",route=\"/\",upstream=\"{label}\",status=\"error\"")]
-            >= 1.0
-    );
+    let errors = m
+        .exact(
+            "portcullis_upstream_requests_total",
+            &[on_b[0], on_b[1], on_b[2], ("status", "error")],
+        )
+        .expect("an error series for b");
+    assert!(errors >= 1.0);
 }
 
 #[tokio::test]
@@ -333,7 +353,7 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
          [sites.routes.health_check]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n",
         list(&[&a, &b, &c])
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let label = b.label();
     wait_until(WAIT, "health checks on every upstream", || async {
         [&a, &b, &c]
@@ -411,7 +431,7 @@ async fn all_upstreams_down_by_active_checks_gives_503_with_retry_after_at_once(
     );
     a.set_healthy(false);
     b.set_healthy(false);
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     for x in [&a, &b] {
         let l = x.label();
         wait_until(WAIT, "marked down", || async {
@@ -447,17 +467,14 @@ async fn all_upstreams_down_by_active_checks_gives_503_with_retry_after_at_once(
 #[tokio::test]
 async fn all_upstreams_down_by_passive_checks_gives_503_with_retry_after_at_once() {
     let pki = Pki::new();
-    let closed = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (x, y): (std::net::SocketAddr, std::net::SocketAddr) = (closed(0), closed(1));
+    // Two addresses that refuse connections for the whole test (held, so
+    // no other process can start listening there).
+    let (hold_x, hold_y) = (Refusing::new(), Refusing::new());
+    let (x, y) = (hold_x.addr, hold_y.addr);
     let routes = format!(
         "[[sites.routes]]\nupstreams = [\"http://{x}\", \"http://{y}\"]\n[sites.routes.passive_health]\nfailures = 1\ncooldown = \"30s\"\n"
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let cfg = pki.client_config(&[b"http/1.1"]);
     // Both refuse: the first request tries both (a retry), then fails.
     let got = common::get(proxy.https, "api.test", "/", cfg.clone()).await;
@@ -524,6 +541,8 @@ async fn black_hole(delay: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>,
                 }
                 r.fetch_add(1, Ordering::SeqCst);
                 bb.fetch_add(buf.len() - head_end, Ordering::SeqCst);
+                // The delay is the behaviour under test (an upstream that
+                // goes quiet, then hangs up), not a synchronisation.
                 tokio::time::sleep(delay).await;
                 let _ = tcp.shutdown().await;
             });
@@ -539,7 +558,7 @@ async fn send_with_body(
     method: &str,
     body: &'static str,
 ) -> (u16, String) {
-    let mut send = h2_client(proxy, pki).await;
+    let mut send = h2_client(proxy.https, "api.test", pki).await;
     let req = Request::builder()
         .method(method)
         .uri("https://api.test/submit")
@@ -559,7 +578,7 @@ async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
         "[[sites.routes]]\nupstreams = [{{ url = \"http://{hole}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
         url(&good)
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let body = "x=1&y=2&amount=100";
 
     let (status, text) = send_with_body(&proxy, &pki, "POST", body).await;
@@ -578,7 +597,7 @@ async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
     assert_eq!(good.hits(), 0);
 
     // A GET that was reset before any response is retried elsewhere.
-    let mut send = h2_client(&proxy, &pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     let (status, who) = h2_get(&mut send, "/", &[]).await.unwrap();
     assert_eq!((status, who.as_str()), (200, "good"));
     assert_eq!(requests.load(Ordering::SeqCst), 3);
@@ -588,16 +607,13 @@ async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
 #[tokio::test]
 async fn any_method_is_retried_when_nothing_was_sent() {
     let pki = Pki::new();
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = Refusing::new();
     let good = Backend::start("good", Mode::H1).await;
     let routes = format!(
         "[[sites.routes]]\nupstreams = [{{ url = \"http://{refused}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
         url(&good)
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let body = "payload";
     let (status, who) = send_with_body(&proxy, &pki, "POST", body).await;
     assert_eq!((status, who.as_str()), (200, "good"));
@@ -611,10 +627,7 @@ async fn any_method_is_retried_when_nothing_was_sent() {
 #[tokio::test]
 async fn retries_stop_at_the_count_and_the_budget() {
     let pki = Pki::new();
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = Refusing::new();
     let (slow_hole, _, _) = black_hole(Duration::from_millis(100)).await;
     let good = Backend::start("good", Mode::H1).await;
     let routes = format!(
@@ -626,8 +639,8 @@ async fn retries_stop_at_the_count_and_the_budget() {
          [sites.routes.passive_health]\nfailures = 0\n",
         good = url(&good)
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     assert_eq!(
         h2_get(&mut send, "/none", &[]).await.unwrap().0,
         502,
@@ -657,7 +670,11 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
         )
     };
     b.set_healthy(false);
-    let proxy = proxy(&pki, "", &route(&list(&[&a, &b]), 1), &[]).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&route(&list(&[&a, &b]), 1))
+        .start(&pki)
+        .await;
     let (la, lb, lc) = (a.label(), b.label(), c.label());
     wait_until(WAIT, "b down", || async {
         healthy(&proxy, "/", &lb).await == Some(0.0)
@@ -666,11 +683,18 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
 
     // The group changes (retries, and a new upstream): b stays out at once
     // (a fresh state would start in service), c starts in service.
-    reload(&proxy, "", &route(&list(&[&a, &b, &c]), 2)).await;
+    proxy
+        .reload(
+            &OneSite::new()
+                .admin()
+                .routes(&route(&list(&[&a, &b, &c]), 2))
+                .toml(),
+        )
+        .await;
     assert_eq!(healthy(&proxy, "/", &lb).await, Some(0.0));
     assert_eq!(healthy(&proxy, "/", &la).await, Some(1.0));
     assert_eq!(healthy(&proxy, "/", &lc).await, Some(1.0));
-    let mut send = h2_client(&proxy, &pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     for _ in 0..30 {
         assert_eq!(h2_get(&mut send, "/", &[]).await.unwrap().0, 200);
     }
@@ -683,7 +707,14 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
     .await;
 
     // A removed upstream's series disappear.
-    reload(&proxy, "", &route(&list(&[&a, &c]), 2)).await;
+    proxy
+        .reload(
+            &OneSite::new()
+                .admin()
+                .routes(&route(&list(&[&a, &c]), 2))
+                .toml(),
+        )
+        .await;
     assert_eq!(healthy(&proxy, "/", &lb).await, None);
 }
 
@@ -691,7 +722,7 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
 // Config errors
 
 fn config_errors(routes: &str) -> String {
-    let text = config_text("", routes);
+    let text = OneSite::new().admin().routes(routes).toml();
     let path = std::path::Path::new("/etc/portcullis/portcullis.toml");
     match portcullis::config::Config::parse(path, &text) {
         Ok(_) => panic!("accepted:\n{text}"),
@@ -740,17 +771,11 @@ async fn each_health_change_is_logged_once() {
     let pki = Pki::new();
     let a = Backend::start("a", Mode::H1).await;
     let mut b = Backend::start("b", Mode::H1).await;
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], common::Alg::Ecdsa)
-        .write(dir.path(), "");
     let routes = format!(
         "[[sites.routes]]\nupstreams = [{}]\n[sites.routes.health_check]\npath = \"/health\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n",
         list(&[&a, &b])
     );
-    let proxy = common::BinProxy::start_in(
-        dir,
-        &config_text("", &routes).replace("127.0.0.1:0\"\n[[listeners]]", "off\"\n[[listeners]]"),
-    );
+    let proxy = OneSite::new().routes(&routes).start_bin(&pki);
     let upstream = format!("upstream={}", b.label());
     let count = |what: &str| {
         proxy

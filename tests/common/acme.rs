@@ -81,7 +81,9 @@ async fn wait_listening(
         Ok(None) => Err(format!(
             "did not listen on 127.0.0.1:{port} within {limit:?}; its log:\n{log}"
         )),
-        _ => Err(format!("exited before listening on 127.0.0.1:{port}; its log:\n{log}")),
+        _ => Err(format!(
+            "exited before listening on 127.0.0.1:{port}; its log:\n{log}"
+        )),
     }
 }
 

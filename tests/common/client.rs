@@ -100,7 +100,10 @@ impl Got {
 
 /// Sends `req` over an established TLS connection, h2 when ALPN chose it,
 /// and returns the response with its body unread.
-pub async fn send_over<B>(tls: TlsStream<TcpStream>, req: Request<B>) -> Result<Response<Incoming>, BoxError>
+pub async fn send_over<B>(
+    tls: TlsStream<TcpStream>,
+    req: Request<B>,
+) -> Result<Response<Incoming>, BoxError>
 where
     B: hyper::body::Body + Send + Unpin + 'static,
     B::Data: Send,

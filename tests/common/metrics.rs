@@ -175,3 +175,16 @@ impl Scrape {
         self.exact(&want.name, &labels)
     }
 }
+
+/// `portcullis_upstream_healthy` of `upstream` (`host:port`) on route
+/// `route` of site `api.test` (None: no such series).
+pub async fn healthy(proxy: &Proxy, route: &str, upstream: &str) -> Option<f64> {
+    scrape(proxy).await.exact(
+        "portcullis_upstream_healthy",
+        &[
+            ("site", "api.test"),
+            ("route", route),
+            ("upstream", upstream),
+        ],
+    )
+}

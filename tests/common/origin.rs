@@ -222,12 +222,7 @@ impl Backend {
 
     /// Listens again on the same port (the socket [`Backend::kill`] kept).
     pub async fn revive(&mut self) {
-        let socket = self
-            .held
-            .lock()
-            .unwrap()
-            .take()
-            .expect("revive after kill");
+        let socket = self.held.lock().unwrap().take().expect("revive after kill");
         let listener = socket.listen(1024).unwrap();
         self.serve(listener);
     }
@@ -377,7 +372,6 @@ async fn handle(shared: Arc<Shared>, info: ConnInfo, req: Request<Incoming>) -> 
         .body(Full::new(Bytes::from(shared.name.clone())))
         .unwrap()
 }
-
 
 /// A TCP socket that may share its port with a second one of ours
 /// (SO_REUSEPORT), so a port can be held while its listener goes away.

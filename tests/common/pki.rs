@@ -86,7 +86,10 @@ fn new_key(alg: Alg) -> KeyPair {
 
 fn default_dates() -> (time::OffsetDateTime, time::OffsetDateTime) {
     let now = time::OffsetDateTime::now_utc();
-    (now - time::Duration::days(1), now + time::Duration::days(90))
+    (
+        now - time::Duration::days(1),
+        now + time::Duration::days(90),
+    )
 }
 
 impl Pki {

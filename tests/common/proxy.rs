@@ -133,9 +133,11 @@ pub async fn start_with_certs(
 /// fixed pause (50 ms) after an awaited condition.
 pub async fn wait_ready(proxy: &Proxy) {
     let admin = proxy.admin();
-    wait_until(Duration::from_secs(5), "/readyz answers 200", || async move {
-        admin_get(admin, "/readyz").await.0 == 200
-    })
+    wait_until(
+        Duration::from_secs(5),
+        "/readyz answers 200",
+        || async move { admin_get(admin, "/readyz").await.0 == 200 },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
@@ -252,26 +254,30 @@ impl OneSite {
         self
     }
 
-    /// The config text (certificate at `cert.pem` / `key.pem`).
+    /// The config text (certificate at `cert.pem` / `key.pem`). With no
+    /// `top`, `http_listener`, `name` or `site`, the routes start at line 9
+    /// (tests of error messages count on it).
     pub fn toml(&self) -> String {
         let admin = if self.admin { "127.0.0.1:0" } else { "off" };
-        let http = if self.http_listener {
-            "[[listeners]]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n"
-        } else {
-            ""
-        };
-        let name = match &self.name {
-            Some(n) => format!("name = \"{n}\"\n"),
-            None => String::new(),
-        };
-        format!(
-            "[admin]\nlisten = \"{admin}\"\n{top}\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n{http}\n\
-             [[sites]]\n{name}hosts = [\"{host}\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n{site}\n{routes}",
-            top = self.top,
-            host = self.host,
-            site = self.site,
-            routes = self.routes,
-        )
+        let mut t = format!(
+            "# one-site config (tests/common/proxy.rs OneSite)\n[admin]\nlisten = \"{admin}\"\n"
+        );
+        t.push_str(&self.top);
+        t.push_str("[[listeners]]\nlisten = \"127.0.0.1:0\"\n");
+        if self.http_listener {
+            t.push_str("[[listeners]]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n");
+        }
+        t.push_str("[[sites]]\n");
+        if let Some(n) = &self.name {
+            t.push_str(&format!("name = \"{n}\"\n"));
+        }
+        t.push_str(&format!(
+            "hosts = [\"{}\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n",
+            self.host
+        ));
+        t.push_str(&self.site);
+        t.push_str(&self.routes);
+        t
     }
 
     /// Writes the site certificate from `pki` and the files into `dir`.

@@ -213,4 +213,3 @@ pub async fn wait_published(
         )),
     }
 }
-
