@@ -14,29 +14,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-const HEAD: &str = r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-"#;
-
 /// Starts the proxy with one site, `api.test`, whose routes are `routes`;
 /// `top` is added before the site (e.g. a `[timeouts]` table).
 async fn start(pki: &Pki, top: &str, routes: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], Alg::Ecdsa).write(dir.path(), "");
-    let toml = format!(
-        "{HEAD}{top}\n[[sites]]\nhosts = [\"api.test\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n{routes}"
-    );
-    Proxy::start_in(dir, &toml).await
+    OneSite::new().top(top).routes(routes).start(pki).await
 }
 
 fn h1(pki: &Pki) -> Arc<rustls::ClientConfig> {
@@ -52,31 +40,8 @@ async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>, CancellationToken) {
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     let (addr, stop) = upstream(move |req: Request<Incoming>| {
-        let h = h.clone();
-        async move {
-            h.fetch_add(1, Ordering::SeqCst);
-            let mut seen = Seen::new();
-            seen.insert(":method".into(), req.method().to_string());
-            seen.insert(":path".into(), req.uri().to_string());
-            seen.insert(":version".into(), format!("{:?}", req.version()));
-            for (k, v) in req.headers() {
-                let v = String::from_utf8_lossy(v.as_bytes()).to_string();
-                seen.entry(k.to_string())
-                    .and_modify(|e| {
-                        e.push_str(", ");
-                        e.push_str(&v);
-                    })
-                    .or_insert(v);
-            }
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            seen.insert(":body-len".into(), body.len().to_string());
-            Response::new(full(serde_json::to_vec(&seen).unwrap()))
-        }
+        h.fetch_add(1, Ordering::SeqCst);
+        echo(req)
     })
     .await;
     (addr, hits, stop)
@@ -368,10 +333,8 @@ async fn hop_by_hop_response_headers_are_not_returned() {
 #[tokio::test]
 async fn refused_upstream_gives_502_with_a_short_body() {
     let pki = Pki::new();
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    // Refuses connections for the whole test (held, never given away).
+    let closed = Refusing::new();
     let proxy = start(
         &pki,
         "",
@@ -495,12 +458,11 @@ async fn malformed_upstream_response_gives_502_and_the_connection_is_not_reused(
 // The plain-HTTP listener
 
 async fn start_with_http_listener(pki: &Pki, https_port: &str) -> Proxy {
-    start(
-        pki,
-        &format!("[[listeners]]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n{https_port}\n"),
-        "[[sites.routes]]\nrespond = { status = 200 }\n",
-    )
-    .await
+    OneSite::new()
+        .listener(&format!("listen = \"127.0.0.1:0\"\nprotocol = \"http\"\n{https_port}"))
+        .route("respond = { status = 200 }")
+        .start(pki)
+        .await
 }
 
 async fn plain(proxy: &Proxy, bytes: &[u8]) -> String {

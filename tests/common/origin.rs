@@ -68,30 +68,33 @@ pub fn full(b: impl Into<Bytes>) -> http_body_util::combinators::BoxBody<Bytes, 
 /// headers it received (`:method`, `:path`, `:version`, then each header;
 /// repeated headers joined with `, `).
 pub async fn echo_upstream() -> (SocketAddr, CancellationToken) {
-    upstream(|req: Request<Incoming>| async move {
-        let mut seen = Seen::new();
-        seen.insert(":method".into(), req.method().to_string());
-        seen.insert(":path".into(), req.uri().to_string());
-        seen.insert(":version".into(), format!("{:?}", req.version()));
-        for (k, v) in req.headers() {
-            let v = String::from_utf8_lossy(v.as_bytes()).to_string();
-            seen.entry(k.to_string())
-                .and_modify(|e| {
-                    e.push_str(", ");
-                    e.push_str(&v);
-                })
-                .or_insert(v);
-        }
-        let body = req
-            .into_body()
-            .collect()
-            .await
-            .map(|b| b.to_bytes())
-            .unwrap_or_default();
-        seen.insert(":body-len".into(), body.len().to_string());
-        Response::new(full(serde_json::to_vec(&seen).unwrap()))
-    })
-    .await
+    upstream(echo).await
+}
+
+/// The echo upstream's answer to `req` (for upstreams that also count or
+/// record what they see).
+pub async fn echo(req: Request<Incoming>) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+    let mut seen = Seen::new();
+    seen.insert(":method".into(), req.method().to_string());
+    seen.insert(":path".into(), req.uri().to_string());
+    seen.insert(":version".into(), format!("{:?}", req.version()));
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes()).to_string();
+        seen.entry(k.to_string())
+            .and_modify(|e| {
+                e.push_str(", ");
+                e.push_str(&v);
+            })
+            .or_insert(v);
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    seen.insert(":body-len".into(), body.len().to_string());
+    Response::new(full(serde_json::to_vec(&seen).unwrap()))
 }
 
 /// What a backend speaks.

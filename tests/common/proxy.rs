@@ -155,7 +155,7 @@ pub struct OneSite {
     host: String,
     name: Option<String>,
     admin: bool,
-    http_listener: bool,
+    listeners: String,
     top: String,
     site: String,
     routes: String,
@@ -175,7 +175,7 @@ impl OneSite {
             host: "api.test".into(),
             name: None,
             admin: false,
-            http_listener: false,
+            listeners: String::new(),
             top: String::new(),
             site: String::new(),
             routes: String::new(),
@@ -203,8 +203,15 @@ impl OneSite {
     }
 
     /// A plain-HTTP listener on `127.0.0.1:0` too.
-    pub fn http_listener(mut self) -> OneSite {
-        self.http_listener = true;
+    pub fn http_listener(self) -> OneSite {
+        self.listener("listen = \"127.0.0.1:0\"\nprotocol = \"http\"")
+    }
+
+    /// Another `[[listeners]]` table with the keys `toml`.
+    pub fn listener(mut self, toml: &str) -> OneSite {
+        self.listeners.push_str("[[listeners]]\n");
+        self.listeners.push_str(toml);
+        self.listeners.push('\n');
         self
     }
 
@@ -255,7 +262,7 @@ impl OneSite {
     }
 
     /// The config text (certificate at `cert.pem` / `key.pem`). With no
-    /// `top`, `http_listener`, `name` or `site`, the routes start at line 9
+    /// `top`, other listener, `name` or `site`, the routes start at line 9
     /// (tests of error messages count on it).
     pub fn toml(&self) -> String {
         let admin = if self.admin { "127.0.0.1:0" } else { "off" };
@@ -264,9 +271,7 @@ impl OneSite {
         );
         t.push_str(&self.top);
         t.push_str("[[listeners]]\nlisten = \"127.0.0.1:0\"\n");
-        if self.http_listener {
-            t.push_str("[[listeners]]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n");
-        }
+        t.push_str(&self.listeners);
         t.push_str("[[sites]]\n");
         if let Some(n) = &self.name {
             t.push_str(&format!("name = \"{n}\"\n"));
