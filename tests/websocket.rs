@@ -71,26 +71,47 @@ async fn ws_echo_upstream() -> (std::net::SocketAddr, tokio_util::sync::Cancella
 }
 
 async fn start(pki: &Pki, up: std::net::SocketAddr) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["ws.test"], Alg::Ecdsa).write(dir.path(), "");
-    Proxy::start_in(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["ws.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  path = "/ws"
-  upstream = "http://{up}"
-"#
-        ),
+    OneSite::new()
+        .host("ws.test")
+        .route(&format!("path = \"/ws\"\nupstream = \"http://{up}\""))
+        .start(pki)
+        .await
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+>;
+
+/// A WebSocket to `wss://ws.test{path}` through the proxy (over HTTP/1.1).
+async fn ws_connect(
+    proxy: &Proxy,
+    pki: &Pki,
+    path: &str,
+) -> (Ws, tokio_tungstenite::tungstenite::handshake::client::Response) {
+    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async(format!("wss://ws.test{path}"), tls),
     )
     .await
+    .expect("handshake in time")
+    .expect("WebSocket handshake through the proxy")
+}
+
+/// Sends `m` and returns what comes back.
+async fn round_trip(ws: &mut Ws, m: Message) -> Message {
+    tokio::time::timeout(STEP, ws.send(m))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("stream open")
+        .expect("valid frame")
 }
 
 #[tokio::test]
@@ -99,17 +120,7 @@ async fn websocket_echoes_text_and_binary_through_the_proxy() {
     let (up, _stop) = ws_echo_upstream().await;
     let proxy = start(&pki, up).await;
 
-    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut ws, resp) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async("wss://ws.test/ws/chat", tls),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("WebSocket handshake through the proxy");
+    let (mut ws, resp) = ws_connect(&proxy, &pki, "/ws/chat").await;
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
 
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
@@ -121,16 +132,7 @@ async fn websocket_echoes_text_and_binary_through_the_proxy() {
         Message::binary(big),
     ];
     for m in &messages {
-        tokio::time::timeout(STEP, ws.send(m.clone()))
-            .await
-            .unwrap()
-            .unwrap();
-        let back = tokio::time::timeout(STEP, ws.next())
-            .await
-            .expect("echo in time")
-            .expect("stream open")
-            .expect("valid frame");
-        assert_eq!(&back, m);
+        assert_eq!(&round_trip(&mut ws, m.clone()).await, m);
     }
     tokio::time::timeout(STEP, ws.close(None))
         .await
@@ -169,23 +171,11 @@ async fn plain_request_on_a_websocket_route_still_works() {
         assert_eq!(&got.body[..], b"plain");
     }
     // And a WebSocket still upgrades after plain requests on the same route.
-    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut ws, _) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    ws.send(Message::text("again")).await.unwrap();
-    let back = tokio::time::timeout(STEP, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, Message::text("again"));
+    let (mut ws, _) = ws_connect(&proxy, &pki, "/ws").await;
+    assert_eq!(
+        round_trip(&mut ws, Message::text("again")).await,
+        Message::text("again")
+    );
 }
 
 // An upgraded tunnel gets the shutdown grace period like any connection,
@@ -194,44 +184,17 @@ async fn plain_request_on_a_websocket_route_still_works() {
 async fn websocket_tunnel_is_closed_when_the_shutdown_grace_period_ends() {
     let pki = Pki::new();
     let (up, _stop) = ws_echo_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["ws.test"], Alg::Ecdsa).write(dir.path(), "");
-    let proxy = Proxy::start_in(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "off"
-[timeouts]
-shutdown_grace = "1s"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["ws.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  upstream = "http://{up}"
-"#
-        ),
-    )
-    .await;
-    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut ws, _) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    ws.send(Message::text("before")).await.unwrap();
-    let back = tokio::time::timeout(STEP, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, Message::text("before"));
+    let proxy = OneSite::new()
+        .host("ws.test")
+        .top("[timeouts]\nshutdown_grace = \"1s\"")
+        .upstream(up)
+        .start(&pki)
+        .await;
+    let (mut ws, _) = ws_connect(&proxy, &pki, "/ws").await;
+    assert_eq!(
+        round_trip(&mut ws, Message::text("before")).await,
+        Message::text("before")
+    );
 
     let t0 = std::time::Instant::now();
     proxy.shutdown.cancel();
