@@ -47,9 +47,9 @@ async fn quickstart_config_serves_https_with_the_internal_ca_over_h2_and_http11(
         "the quickstart's addresses changed; update this test"
     );
     let proxy = Proxy::start(&toml).await;
-    let ca = proxy.dir.path().join("state/internal-ca/ca.pem");
+    let ca = proxy.dir.as_path().join("state/internal-ca/ca.pem");
     assert!(ca.exists(), "the internal CA is created on first run");
-    let key = proxy.dir.path().join("state/internal-ca/ca.key");
+    let key = proxy.dir.as_path().join("state/internal-ca/ca.key");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

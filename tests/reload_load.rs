@@ -486,7 +486,7 @@ async fn watcher_goes_quiet_after_a_swap() {
         })
         .unwrap()
     };
-    spy.watch(proxy.dir.path(), notify::RecursiveMode::NonRecursive)
+    spy.watch(proxy.dir.as_path(), notify::RecursiveMode::NonRecursive)
         .unwrap();
 
     let next = pki.leaf(&["quiet.test"], Alg::Ecdsa);
@@ -496,7 +496,7 @@ async fn watcher_goes_quiet_after_a_swap() {
         .await
         .unwrap();
     assert!(
-        eventually(STEP, || opens.load(Ordering::Relaxed) > 0).await,
+        eventually(STEP, || async { opens.load(Ordering::Relaxed) > 0 }).await,
         "the spy sees the watcher's reads"
     );
     // Let the reads that led to the publish drain, then watch for a second

@@ -6,14 +6,10 @@ mod common;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, StatusCode};
+use http::StatusCode;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use common::*;
 
@@ -23,49 +19,9 @@ const STEP: Duration = Duration::from_secs(10);
 /// An upstream that accepts WebSocket upgrades and echoes every data
 /// message, and answers plain requests with `plain`.
 async fn ws_echo_upstream() -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    // Bounded: the client sends a handful of messages then closes.
     upstream(|mut req: Request<Incoming>| async move {
-        let is_ws = req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-        let Some(key) = req
-            .headers()
-            .get("sec-websocket-key")
-            .filter(|_| is_ws)
-            .cloned()
-        else {
-            return Response::new(full("plain"));
-        };
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else {
-                return;
-            };
-            let mut ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-            // Bounded: the client sends a handful of messages then closes.
-            for _ in 0..1000 {
-                match ws.next().await {
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                        if ws.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
-                }
-            }
-        });
-        let mut resp = Response::new(full(""));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(
-            "sec-websocket-accept",
-            HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
-        );
-        resp
+        ws_echo(&mut req, 1000).unwrap_or_else(|| Response::new(full("plain")))
     })
     .await
 }

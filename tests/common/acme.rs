@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::common::client::{admin_call, send_over, tls_connect, Got};
 pub use crate::common::metrics::scrape_at;
 use crate::common::pki::{backend_tls, client_config_trusting, Alg, Pki};
+pub use crate::common::origin::unreserved_port;
 pub use crate::common::proxy::Proxy;
 use crate::common::wait::{eventually, wait_for};
 
@@ -42,24 +43,6 @@ pub fn require(bin: &str) -> PathBuf {
         "`{bin}` is not installed. These tests run against a real Pebble ACME server: run tests/run-all.sh \
          (it installs the Debian package `pebble`), or `apt-get install pebble`."
     );
-}
-
-/// A loopback port for a child that cannot bind `:0` and report its port.
-///
-/// Residual race, documented: the port is bound, then released before the
-/// child binds it, so another process could take it in between. Pebble
-/// and pebble-challtestsrv print the configured address, not the bound one,
-/// and the proxy's config must name Pebble's directory URL before Pebble
-/// can start (Pebble must know the proxy's ports), so `:0` cannot be used
-/// for them. A child that loses the race exits with "address already in
-/// use": the DNS companion is then started again on fresh ports (its ports
-/// are private to Pebble); Pebble's own failure is reported as that race.
-pub fn unreserved_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Waits until `child` accepts connections on `port`: Ok, or Err with its

@@ -28,7 +28,7 @@ pub mod wait;
 pub use cli::*;
 pub use client::*;
 pub use metrics::*;
-pub use origin::{echo, echo_upstream, full, upstream, Refusing, Seen};
+pub use origin::{echo, echo_upstream, full, upstream, ws_echo, Refusing, Seen};
 pub use pki::*;
 pub use proxy::*;
 pub use reload::*;

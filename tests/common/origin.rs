@@ -376,6 +376,77 @@ async fn handle(shared: Arc<Shared>, info: ConnInfo, req: Request<Incoming>) -> 
         .unwrap()
 }
 
+/// The WebSocket echo: if `req` asks for a WebSocket upgrade, answers 101
+/// and echoes every data message of the upgraded connection (at most
+/// `max_messages`, so the task is bounded); otherwise None.
+pub fn ws_echo(
+    req: &mut Request<Incoming>,
+    max_messages: usize,
+) -> Option<Response<http_body_util::combinators::BoxBody<Bytes, Infallible>>> {
+    use futures_util::{SinkExt, StreamExt};
+    use http::{header, HeaderValue, StatusCode};
+    use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let is_ws = req
+        .headers()
+        .get(header::UPGRADE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let key = req.headers().get("sec-websocket-key").filter(|_| is_ws)?.clone();
+    let on_upgrade = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        let Ok(upgraded) = on_upgrade.await else {
+            return;
+        };
+        let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            None,
+        )
+        .await;
+        for _ in 0..max_messages {
+            match ws.next().await {
+                Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
+                    if ws.send(m).await.is_err() {
+                        return;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    });
+    let mut resp = Response::new(full(""));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        "sec-websocket-accept",
+        HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
+    );
+    Some(resp)
+}
+
+/// A loopback port for a child that cannot bind `:0` and report its port.
+///
+/// Residual race, documented: the port is bound, then released before the
+/// child binds it, so another process could take it in between; every
+/// caller retries or reports a lost race. Used only where `:0` cannot be:
+/// Pebble and pebble-challtestsrv print the configured address, not the
+/// bound one, and the proxy's config must name Pebble's directory URL
+/// before Pebble can start (Pebble must know the proxy's ports); and a
+/// proxy listener that a reload must reconfigure in place (matched by its
+/// configured address). Prefer binding `:0` and reading the port back.
+pub fn unreserved_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// A TCP socket that may share its port with a second one of ours
 /// (SO_REUSEPORT), so a port can be held while its listener goes away.
 fn reusable_socket() -> TcpSocket {

@@ -56,14 +56,28 @@ impl Proxy {
         F: FnOnce(Option<u16>, u16) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        Proxy::try_launch(dir, toml, before_run)
+            .await
+            .unwrap_or_else(|e| panic!("bind: {e}"))
+    }
+
+    /// Like [`Proxy::launch`]; a bind failure is returned, not a panic
+    /// (for the one test that must name a port, and retries on a lost race).
+    pub async fn try_launch<F, Fut>(
+        dir: &Path,
+        toml: &str,
+        before_run: F,
+    ) -> Result<Proxy, portcullis::Error>
+    where
+        F: FnOnce(Option<u16>, u16) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         let path = dir.join("portcullis.toml");
         std::fs::write(&path, toml).unwrap();
         let config =
             portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
         let shutdown = CancellationToken::new();
-        let server = portcullis::Server::bind(config, shutdown.clone())
-            .await
-            .unwrap();
+        let server = portcullis::Server::bind(config, shutdown.clone()).await?;
         let https = server.https_addrs()[0];
         let http = server.http_addrs().first().copied();
         before_run(http.map(|a| a.port()), https.port()).await;
@@ -73,7 +87,7 @@ impl Proxy {
             server.acme(),
             server.control(),
         );
-        Proxy {
+        Ok(Proxy {
             https,
             http,
             admin,
@@ -85,7 +99,7 @@ impl Proxy {
             acme,
             control,
             _tmp: None,
-        }
+        })
     }
 
     /// The admin listener's address (the config must have one).
