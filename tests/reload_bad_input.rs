@@ -82,24 +82,13 @@ async fn fixture(name: &'static str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let good = pki.leaf(&[&host], Alg::Ecdsa);
     let (cert, key) = good.write(dir.path(), "");
-    let (proxy, certs) = start_with_certs(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-name = "{name}"
-hosts = ["{host}"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  respond = {{ status = 200, body = "ok" }}
-"#
-        ),
-    )
-    .await;
+    let toml = OneSite::new()
+        .admin()
+        .name(name)
+        .host(&host)
+        .route("respond = { status = 200, body = \"ok\" }")
+        .toml();
+    let (proxy, certs) = start_with_certs(dir, &toml).await;
     let events = certs.subscribe();
     Fixture {
         name,
@@ -117,16 +106,7 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
 impl Fixture {
     /// This site's entry in `GET /certs`.
     async fn inventory(&self) -> serde_json::Value {
-        let (status, body) = admin_get(self.proxy.admin.unwrap(), "/certs").await;
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["certificates"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == self.name)
-            .unwrap_or_else(|| panic!("{} not in {body}", self.name))
-            .clone()
+        cert_report(self.proxy.admin(), self.name).await
     }
 
     /// Waits for the rejection whose reason contains `needle`, then checks

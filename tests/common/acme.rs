@@ -23,6 +23,7 @@ use rustls_pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::common::client::cert_report;
 use crate::common::client::{admin_call, send_over, tls_connect, Got};
 pub use crate::common::metrics::scrape_at;
 use crate::common::pki::{backend_tls, client_config_trusting, Alg, Pki};
@@ -334,19 +335,6 @@ pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) 
     admin_call(addr, method, path).await
 }
 
-/// The `/certs` entry for `name`.
-pub async fn cert_report(admin_addr: SocketAddr, name: &str) -> serde_json::Value {
-    let (status, body) = admin(admin_addr, "GET", "/certs").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no certificate {name} in {body}"))
-}
 
 /// A metric's value from `/metrics` (exact label set, as rendered).
 pub async fn metric(admin_addr: SocketAddr, series: &str) -> Option<f64> {

@@ -213,6 +213,20 @@ pub async fn admin_post(addr: SocketAddr, path: &str) -> (u16, String) {
     admin_call(addr, "POST", path).await
 }
 
+/// The `GET /certs` entry of the certificate `name`.
+pub async fn cert_report(admin_addr: SocketAddr, name: &str) -> serde_json::Value {
+    let (status, body) = admin_get(admin_addr, "/certs").await;
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["certificates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .cloned()
+        .unwrap_or_else(|| panic!("no certificate {name} in {body}"))
+}
+
 /// A client config trusting the test root that never resumes a session:
 /// every handshake is a full one, so the server presents the certificate
 /// in service (a resumed session carries the certificate of the session
