@@ -391,13 +391,12 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
         }
     }
     // Let the clients run on the final certificates for a moment, then stop.
-    let settle = Instant::now();
     let before = stats.handshakes_checked.load(Ordering::Relaxed);
-    while stats.handshakes_checked.load(Ordering::Relaxed) < before + 50 && settle.elapsed() < STEP
-    {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let checked = || stats.handshakes_checked.load(Ordering::Relaxed);
+    wait_until(STEP, "50 more checked handshakes on the final certificates", || async {
+        checked() >= before + 50
+    })
+    .await;
     stop.cancel();
     for c in clients {
         tokio::time::timeout(STEP * 2, c)
@@ -462,12 +461,12 @@ async fn watcher_goes_quiet_after_a_swap() {
     let dir = tempfile::tempdir().unwrap();
     let leaf = pki.leaf(&["quiet.test"], Alg::Ecdsa);
     let (cert, key) = leaf.write(dir.path(), "");
-    let (proxy, certs) = start_with_certs(
-        dir,
-        "[admin]\nlisten = \"off\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[sites]]\nname = \"quiet\"\n\
-         hosts = [\"quiet.test\"]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n  [[sites.routes]]\n  respond = { status = 200 }\n",
-    )
-    .await;
+    let toml = OneSite::new()
+        .name("quiet")
+        .host("quiet.test")
+        .route("respond = { status = 200 }")
+        .toml();
+    let (proxy, certs) = start_with_certs(dir, &toml).await;
     let mut events = certs.subscribe();
 
     // Our own watch on the same directory counts every open of the files.
@@ -499,9 +498,19 @@ async fn watcher_goes_quiet_after_a_swap() {
         eventually(STEP, || async { opens.load(Ordering::Relaxed) > 0 }).await,
         "the spy sees the watcher's reads"
     );
-    // Let the reads that led to the publish drain, then watch for a second
-    // (well over ten debounce periods): nothing may read the files again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Await the end of the reads that led to the publish: no new open
+    // for 100 ms (ten polls in a row).
+    let (mut last, mut quiet_polls) = (opens.load(Ordering::Relaxed), 0);
+    wait_until(STEP, "the reads that led to the publish end", || {
+        let now = opens.load(Ordering::Relaxed);
+        quiet_polls = if now == last { quiet_polls + 1 } else { 0 };
+        last = now;
+        let quiet = quiet_polls >= 10;
+        async move { quiet }
+    })
+    .await;
+    // Then watch for a second (well over ten debounce periods): nothing may
+    // read the files again. This sleep is the observation window itself.
     let before = opens.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rereads = opens.load(Ordering::Relaxed) - before;
