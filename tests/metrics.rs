@@ -40,27 +40,12 @@ fn assert_families_unique(text: &str) {
 }
 
 fn site(name: &str, hosts: &str, prefix: &str, default: bool) -> String {
-    format!(
-        r#"
-[[sites]]
-name = "{name}"
-hosts = [{hosts}]
-default = {default}
-tls = {{ cert = "{prefix}cert.pem", key = "{prefix}key.pem" }}
-  [[sites.routes]]
-  respond = {{ status = 200, body = "{name}\n" }}
-"#
-    )
+    respond_site(Some(name), hosts, prefix, default, &format!("{name}\n"))
 }
 
-const HEAD: &str = r#"
-[admin]
-listen = "127.0.0.1:0"
-[certificates]
-poll_interval = "1h"
-[[listeners]]
-listen = "127.0.0.1:0"
-"#;
+fn head() -> String {
+    sites_head(true, "[certificates]\npoll_interval = \"1h\"")
+}
 
 fn labels_of(s: &Sample) -> Vec<(&str, &str)> {
     s.labels
@@ -98,7 +83,8 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
     );
     fallback.write(dir.path(), "fallback-");
     let toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        head(),
         site(
             "api",
             r#""api.metrics.test", "www.metrics.test""#,
@@ -190,14 +176,15 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
 async fn internal_certificate_is_exported_with_source_internal_and_no_root_series() {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        r#"{HEAD}
+        r#"{}
 [[sites]]
 name = "tools"
 hosts = ["tools.internal.test"]
 tls = "internal"
   [[sites.routes]]
   respond = {{ status = 200 }}
-"#
+"#,
+        head()
     );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     let cur = certs.slot("tools").unwrap().current().unwrap();
@@ -256,7 +243,8 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
     );
     other.write(dir.path(), "other-");
     let toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        head(),
         site("swap", r#""swap.test""#, "swap-", false),
         site("other", r#""other.test""#, "other-", true)
     );
@@ -420,7 +408,8 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     );
     let (cert_path, _) = first.write(dir.path(), "reload-");
     let toml = format!(
-        "{HEAD}{}",
+        "{}{}",
+        head(),
         site("reload", r#""reload.test""#, "reload-", true)
     );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
@@ -815,7 +804,8 @@ async fn certificate_replaced_while_the_proxy_starts_is_picked_up_without_the_po
         at_unix(now + 30 * DAY),
     );
     let (cert_path, _) = first.write(dir.path(), "early-");
-    let toml = format!("{HEAD}{}", site("early", r#""early.test""#, "early-", true));
+    let toml = format!("{}{}",
+        head(), site("early", r#""early.test""#, "early-", true));
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     let mut events = certs.subscribe();
     // Still on this task: `run` has not started its watcher yet.

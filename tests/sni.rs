@@ -116,24 +116,8 @@ fn leaf_key_kind(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> &'stati
     }
 }
 
-const HEAD: &str = r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-"#;
-
 fn site(hosts: &str, prefix: &str, default: bool) -> String {
-    format!(
-        r#"
-[[sites]]
-hosts = [{hosts}]
-default = {default}
-tls = {{ cert = "{prefix}cert.pem", key = "{prefix}key.pem" }}
-  [[sites.routes]]
-  respond = {{ status = 200, body = "{prefix}" }}
-"#
-    )
+    respond_site(None, hosts, prefix, default, prefix)
 }
 
 /// Three sites: `a.test` (exact, ECDSA), `*.example.test` (RSA) and,
@@ -154,7 +138,8 @@ async fn three_sites(with_default: bool) -> Sites {
     let wildcard = pki.leaf(&["*.example.test"], Alg::Rsa);
     wildcard.write(dir.path(), "wild-");
     let mut toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        sites_head(false, ""),
         site(r#""a.test""#, "exact-", false),
         site(r#""*.example.test""#, "wild-", false)
     );
@@ -291,7 +276,8 @@ async fn pkcs1_rsa_and_sec1_ec_private_keys_load() {
     std::fs::write(dir.path().join("rsa-key.pem"), rsa_key).unwrap();
     std::fs::write(dir.path().join("ec-key.pem"), ec_key).unwrap();
     let toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        sites_head(false, ""),
         site(r#""rsa.test""#, "rsa-", false),
         site(r#""ec.test""#, "ec-", false)
     );

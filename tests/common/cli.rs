@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::pki::{at_unix, unix_now, Alg, Leaf, Pki};
-use crate::common::proxy::{start_with_certs, wait_ready, Proxy};
+use crate::common::proxy::{respond_site, sites_head, start_with_certs, wait_ready, Proxy};
 
 /// A proxy serving three file certificates from one PKI: `normal`
 /// (`normal.test`, 90 days, ECDSA, the default site), `soon` (`soon.test`,
@@ -60,13 +60,15 @@ impl OnCall {
         let root_pem = dir.path().join("root.pem");
         std::fs::write(&root_pem, &pki.root_pem).unwrap();
         let site = |name: &str, default: bool| {
-            format!(
-                "[[sites]]\nname = \"{name}\"\nhosts = [\"{name}.test\"]\ndefault = {default}\n\
-                 tls = {{ cert = \"{name}-cert.pem\", key = \"{name}-key.pem\" }}\n\
-                 [[sites.routes]]\nrespond = {{ status = 200, body = \"{name}\\n\" }}\n"
+            respond_site(
+                Some(name),
+                &format!("\"{name}.test\""),
+                &format!("{name}-"),
+                default,
+                &format!("{name}\n"),
             )
         };
-        let head = "[admin]\nlisten = \"127.0.0.1:0\"\n[certificates]\npoll_interval = \"1h\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n";
+        let head = sites_head(true, "[certificates]\npoll_interval = \"1h\"");
         let toml = format!(
             "{head}{}{}{}",
             site("normal", true),

@@ -156,6 +156,25 @@ pub async fn wait_ready(proxy: &Proxy) {
     tokio::time::sleep(Duration::from_millis(50)).await;
 }
 
+/// The head of a multi-site config: the admin listener (on `127.0.0.1:0`
+/// or off), `top` tables, and one TLS listener on `127.0.0.1:0`.
+pub fn sites_head(admin: bool, top: &str) -> String {
+    let admin = if admin { "127.0.0.1:0" } else { "off" };
+    format!("[admin]\nlisten = \"{admin}\"\n{top}\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n")
+}
+
+/// A `[[sites]]` table for multi-site configs: `hosts` (TOML list items,
+/// e.g. `"\"a.test\""`), a certificate at `{prefix}cert.pem` and
+/// `{prefix}key.pem`, and one route answering 200 with `body`.
+pub fn respond_site(name: Option<&str>, hosts: &str, prefix: &str, default: bool, body: &str) -> String {
+    let name = name.map_or(String::new(), |n| format!("name = \"{n}\"\n"));
+    format!(
+        "[[sites]]\n{name}hosts = [{hosts}]\ndefault = {default}\n\
+         tls = {{ cert = \"{prefix}cert.pem\", key = \"{prefix}key.pem\" }}\n\
+         [[sites.routes]]\nrespond = {{ status = 200, body = {body:?} }}\n"
+    )
+}
+
 /// The one-site config most tests need: a TLS listener on `127.0.0.1:0`,
 /// one site (`api.test` unless [`OneSite::host`] says otherwise) with a
 /// certificate from the test's [`Pki`], and its routes. The admin listener
