@@ -35,32 +35,20 @@ struct Rl {
 
 /// The config text around `settings` (lines of `[rate_limit]`) and `routes`.
 fn config(settings: &str, routes: &str) -> String {
-    format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-
-[rate_limit]
-{settings}
-
-[[listeners]]
-listen = "127.0.0.1:0"
-
-[[sites]]
-name = "rl"
-hosts = ["{HOST}"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-{routes}
-"#
-    )
+    OneSite::new()
+        .admin()
+        .top(&format!("[rate_limit]\n{settings}"))
+        .name("rl")
+        .host(HOST)
+        .routes(routes)
+        .toml()
 }
 
 impl Rl {
     async fn start(settings: &str, routes: &str) -> Rl {
         let pki = Pki::new();
-        let dir = tempfile::tempdir().unwrap();
-        pki.leaf(&[HOST], Alg::Ecdsa).write(dir.path(), "");
-        let proxy = Proxy::start_in(dir, &config(settings, routes)).await;
+        let site = OneSite::new().host(HOST);
+        let proxy = Proxy::start_in(site.dir(&pki), &config(settings, routes)).await;
         Rl { proxy, pki }
     }
 
@@ -105,26 +93,17 @@ impl Rl {
     /// The value of the `limited_total` counter for a route, limit and mode
     /// (0 when the series does not exist).
     async fn limited(&self, route: &str, limit: &str, mode: &str) -> f64 {
-        let (status, text) = admin_get(self.proxy.admin.expect("admin listener"), "/metrics").await;
-        assert_eq!(status, 200);
-        let want = [
-            "site=\"rl\"".to_string(),
-            format!("route=\"{route}\""),
-            format!("limit=\"{limit}\""),
-            format!("mode=\"{mode}\""),
-        ];
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{LIMITED}{{")))
-            .find(|l| want.iter().all(|w| l.contains(w.as_str())))
-            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-            .unwrap_or(0.0)
+        scrape(&self.proxy).await.sum(
+            LIMITED,
+            &[("site", "rl"), ("route", route), ("limit", limit), ("mode", mode)],
+        )
     }
 
     /// Rewrites the config file and reloads it through `POST /reload`.
     async fn reload(&self, settings: &str, routes: &str) {
         self.proxy
             .write("portcullis.toml", &config(settings, routes));
-        let (status, body) = admin_post(self.proxy.admin.unwrap(), "/reload").await;
+        let (status, body) = admin_post(self.proxy.admin(), "/reload").await;
         assert_eq!(status, 200, "reload refused: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["ok"], true, "{body}");
