@@ -364,13 +364,22 @@ impl BinProxy {
     /// Writes `toml` to `portcullis.toml` in `dir` and starts the binary;
     /// returns once it logs its HTTPS address (at most 60 s).
     pub fn start_in(dir: tempfile::TempDir, toml: &str) -> BinProxy {
-        use std::io::BufRead;
         let path = dir.path().join("portcullis.toml");
         std::fs::write(&path, toml).unwrap();
+        BinProxy::spawn(dir, ["run".as_ref(), "--config".as_ref(), path.as_os_str()])
+    }
+
+    /// Starts the binary with `args` (any subcommand that serves HTTPS, e.g.
+    /// `reverse-proxy`) in `dir`; returns once it logs its HTTPS address.
+    pub fn spawn<I, S>(dir: tempfile::TempDir, args: I) -> BinProxy
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        use std::io::BufRead;
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-            .arg("run")
-            .arg("--config")
-            .arg(&path)
+            .args(args)
+            .current_dir(dir.path())
             .env("RUST_LOG", "info")
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
