@@ -284,7 +284,24 @@ async fn restart_serves_the_stored_certificate_and_orders_nothing() {
         .await
         .expect("verified handshake");
     assert_eq!(common::serial_of(&leaf), serial);
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The renewal scheduler publishes its next renewal time once it has
+    // decided what to do with the stored certificate (and it would order at
+    // once were it missing): await that decision, not a fixed pause.
+    let next = wait_for(
+        Duration::from_secs(10),
+        "the scheduler's decision",
+        || async {
+            again
+                .certs
+                .slot("web")
+                .and_then(|s| s.status().next_renewal)
+        },
+    )
+    .await;
+    assert!(
+        next > SystemTime::now(),
+        "renewal due at once after a restart"
+    );
     assert_eq!(
         again.acme.stats.orders.load(Ordering::Relaxed),
         0,
@@ -343,7 +360,11 @@ async fn short_lived_certificate_is_renewed_under_load_with_no_failed_request() 
         );
         let addr = proxy.https;
         workers.push(tokio::spawn(async move {
-            while !stop.is_cancelled() {
+            // Bounded: stopped by the test, and at most 100_000 requests.
+            for _ in 0..100_000 {
+                if stop.is_cancelled() {
+                    break;
+                }
                 // A fresh connection each time: every request is a new handshake.
                 match common::tls_connect(addr, "web.test", client.clone()).await {
                     Ok(tls) => {
@@ -361,6 +382,8 @@ async fn short_lived_certificate_is_renewed_under_load_with_no_failed_request() 
                     }
                     Err(e) => failed.lock().unwrap().push(e.to_string()),
                 }
+                // Pacing of the load (about 50 handshakes/s per worker), not
+                // a synchronisation.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }));
@@ -371,7 +394,13 @@ async fn short_lived_certificate_is_renewed_under_load_with_no_failed_request() 
         .wait_issued("web", Some(&first), Duration::from_secs(40), &pebble)
         .await;
     let renewed_after = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Keep the load on until clients have handshaked with the renewed
+    // certificate (and enough requests ran); the asserts below say which
+    // part was missing if the wait runs out.
+    eventually(Duration::from_secs(20), || async {
+        serials.lock().unwrap().contains(&second) && ok.load(Ordering::Relaxed) > 50
+    })
+    .await;
     stop.cancel();
     for w in workers {
         w.await.unwrap();
@@ -424,17 +453,13 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
     // Nothing is attempted before the renewal time; from then on every
     // attempt fails and is retried with backoff (base 1 s, cap 3 s).
     let failure = "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}";
-    loop {
-        let n = metric(proxy.admin(), failure).await.unwrap();
-        if n >= 2.0 {
-            break;
-        }
-        assert!(
-            issued_at.elapsed() < Duration::from_secs(32),
-            "only {n} failures"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let limit = Duration::from_secs(32).saturating_sub(issued_at.elapsed());
+    wait_until(
+        limit,
+        "two failed renewal attempts, 32 s after issue",
+        || async { metric(proxy.admin(), failure).await.unwrap() >= 2.0 },
+    )
+    .await;
     assert!(
         issued_at.elapsed() >= Duration::from_secs(22),
         "attempted before due: {:?}",
@@ -637,30 +662,33 @@ async fn ari_window_schedules_the_renewal_and_the_order_replaces_the_old_certifi
     let id = instant_acme::CertificateIdentifier::try_from(&leaf)
         .unwrap()
         .to_string();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !front.state.lock().unwrap().asked.contains(&id) {
-        assert!(
-            Instant::now() < deadline,
-            "no ARI request for {id}: {:?}",
-            front.state.lock().unwrap().asked
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let next = metric(
-        proxy.admin(),
-        "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
-    )
-    .await
-    .unwrap();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let asked = || front.state.lock().unwrap().asked.contains(&id);
     assert!(
-        next >= now + 30.0 * 86_400.0 - 60.0 && next <= now + 31.0 * 86_400.0 + 60.0,
-        "next {next} now {now}"
+        eventually(Duration::from_secs(10), || async { asked() }).await,
+        "no ARI request for {id}: {:?}",
+        front.state.lock().unwrap().asked
     );
+    // The scheduler then moves its next renewal into the window: await it
+    // (the exact bounds are asserted below).
+    let in_window = |next: f64, now: f64| {
+        next >= now + 30.0 * 86_400.0 - 60.0 && next <= now + 31.0 * 86_400.0 + 60.0
+    };
+    let unix_now_f = || {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    let series = "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}";
+    eventually(Duration::from_secs(10), || async {
+        metric(proxy.admin(), series)
+            .await
+            .is_some_and(|next| in_window(next, unix_now_f()))
+    })
+    .await;
+    let next = metric(proxy.admin(), series).await.unwrap();
+    let now = unix_now_f();
+    assert!(in_window(next, now), "next {next} now {now}");
 
     // The CA moves the window to now: the proxy renews within it, and the
     // order says which certificate it replaces.
@@ -734,24 +762,24 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
     assert_eq!((status, body.as_str()), (200, "hello from fallback\n"));
 
     // The failure is visible; both sites keep retrying.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = cert_report(proxy.admin(), "plain").await;
-        if r["last_error"].is_string() {
-            assert!(
-                r["last_error"]
-                    .as_str()
-                    .unwrap()
-                    .contains(&pebble.directory()),
-                "{r}"
-            );
-            assert!(r["serial"].is_null());
-            assert!(r["next_renewal"].is_string());
-            break;
-        }
-        assert!(Instant::now() < deadline, "no error reported: {r}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let r = wait_for(
+        Duration::from_secs(10),
+        "an error reported for plain",
+        || async {
+            let r = cert_report(proxy.admin(), "plain").await;
+            r["last_error"].is_string().then_some(r)
+        },
+    )
+    .await;
+    assert!(
+        r["last_error"]
+            .as_str()
+            .unwrap()
+            .contains(&pebble.directory()),
+        "{r}"
+    );
+    assert!(r["serial"].is_null());
+    assert!(r["next_renewal"].is_string());
     assert_eq!(
         metric(
             proxy.admin(),
@@ -876,15 +904,15 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
     .await;
     // The refusal is visible, and the retry waits for the CA's Retry-After
     // (6 s), past the configured cap (retry_max = 3 s).
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let r = loop {
-        let r = cert_report(proxy.admin(), "web").await;
-        if r["last_error"].is_string() {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "no error reported: {r}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let r = wait_for(
+        Duration::from_secs(10),
+        "an error reported for web",
+        || async {
+            let r = cert_report(proxy.admin(), "web").await;
+            r["last_error"].is_string().then_some(r)
+        },
+    )
+    .await;
     assert!(
         r["last_error"].as_str().unwrap().contains("rateLimited"),
         "{r}"

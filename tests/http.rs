@@ -459,7 +459,9 @@ async fn malformed_upstream_response_gives_502_and_the_connection_is_not_reused(
 
 async fn start_with_http_listener(pki: &Pki, https_port: &str) -> Proxy {
     OneSite::new()
-        .listener(&format!("listen = \"127.0.0.1:0\"\nprotocol = \"http\"\n{https_port}"))
+        .listener(&format!(
+            "listen = \"127.0.0.1:0\"\nprotocol = \"http\"\n{https_port}"
+        ))
         .route("respond = { status = 200 }")
         .start(pki)
         .await

@@ -315,9 +315,11 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
         })
     };
 
-    wait_until(LIMIT, "the scraper's first scrapes of the old chain", || async {
-        scraped.load(Ordering::Acquire) >= 2
-    })
+    wait_until(
+        LIMIT,
+        "the scraper's first scrapes of the old chain",
+        || async { scraped.load(Ordering::Acquire) >= 2 },
+    )
     .await;
     let new = pki2.leaf_with_key(
         &["swap.test"],
@@ -521,7 +523,13 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     wait_until(
         LIMIT,
         "the pending error gauge back to 0 after the served file was restored",
-        || async { scrape(&proxy).await.one(PENDING, &[("name", "reload")]).value == 0.0 },
+        || async {
+            scrape(&proxy)
+                .await
+                .one(PENDING, &[("name", "reload")])
+                .value
+                == 0.0
+        },
     )
     .await;
     let m = scrape(&proxy).await;
@@ -804,8 +812,11 @@ async fn certificate_replaced_while_the_proxy_starts_is_picked_up_without_the_po
         at_unix(now + 30 * DAY),
     );
     let (cert_path, _) = first.write(dir.path(), "early-");
-    let toml = format!("{}{}",
-        head(), site("early", r#""early.test""#, "early-", true));
+    let toml = format!(
+        "{}{}",
+        head(),
+        site("early", r#""early.test""#, "early-", true)
+    );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     let mut events = certs.subscribe();
     // Still on this task: `run` has not started its watcher yet.

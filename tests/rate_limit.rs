@@ -95,7 +95,12 @@ impl Rl {
     async fn limited(&self, route: &str, limit: &str, mode: &str) -> f64 {
         scrape(&self.proxy).await.sum(
             LIMITED,
-            &[("site", "rl"), ("route", route), ("limit", limit), ("mode", mode)],
+            &[
+                ("site", "rl"),
+                ("route", route),
+                ("limit", limit),
+                ("mode", mode),
+            ],
         )
     }
 

@@ -378,7 +378,10 @@ async fn certificate_written_before_its_key_converges_without_a_mismatched_pair(
     f.expect_rejected("does not match the certificate").await;
     let before = handshakes.load(Ordering::Relaxed);
     assert!(
-        eventually(LIMIT, || async { handshakes.load(Ordering::Relaxed) > before + 5 }).await,
+        eventually(LIMIT, || async {
+            handshakes.load(Ordering::Relaxed) > before + 5
+        })
+        .await,
         "handshakes keep going while the key is missing"
     );
     assert_eq!(

@@ -433,7 +433,13 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     let mut attempt = 0;
     let (proxy, redirect_port) = loop {
         let port = common::origin::unreserved_port();
-        match Proxy::try_launch(dir.path(), &config(up, 0, &redirect_on(port, 8443)), |_, _| async {}).await {
+        match Proxy::try_launch(
+            dir.path(),
+            &config(up, 0, &redirect_on(port, 8443)),
+            |_, _| async {},
+        )
+        .await
+        {
             Ok(p) => break (p, port),
             Err(e) if attempt < 5 => {
                 attempt += 1;
@@ -630,19 +636,27 @@ async fn sighup_reloads_the_running_binary() {
     proxy.signal("HUP");
     // The log line is the event: the process says when it has reloaded.
     assert!(
-        eventually(STEP, || async { count(&proxy, "configuration reloaded") == 1 }).await,
+        eventually(STEP, || async {
+            count(&proxy, "configuration reloaded") == 1
+        })
+        .await,
         "no reload logged:\n{}",
         proxy.log_text()
     );
     assert_eq!(body(&proxy).await, "v2");
 
     // A broken config: refused with file and line, v2 keeps serving.
-    let broken = site("v3").toml().replace("respond = {", "respond = { bogus = 1, ");
+    let broken = site("v3")
+        .toml()
+        .replace("respond = {", "respond = { bogus = 1, ");
     let line = broken.lines().position(|l| l.contains("bogus")).unwrap() + 1;
     std::fs::write(&path, &broken).unwrap();
     proxy.signal("HUP");
     assert!(
-        eventually(STEP, || async { count(&proxy, "configuration reload refused") == 1 }).await,
+        eventually(STEP, || async {
+            count(&proxy, "configuration reload refused") == 1
+        })
+        .await,
         "no refusal logged:\n{}",
         proxy.log_text()
     );

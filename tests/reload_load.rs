@@ -393,9 +393,11 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
     // Let the clients run on the final certificates for a moment, then stop.
     let before = stats.handshakes_checked.load(Ordering::Relaxed);
     let checked = || stats.handshakes_checked.load(Ordering::Relaxed);
-    wait_until(STEP, "50 more checked handshakes on the final certificates", || async {
-        checked() >= before + 50
-    })
+    wait_until(
+        STEP,
+        "50 more checked handshakes on the final certificates",
+        || async { checked() >= before + 50 },
+    )
     .await;
     stop.cancel();
     for c in clients {

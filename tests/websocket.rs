@@ -34,16 +34,18 @@ async fn start(pki: &Pki, up: std::net::SocketAddr) -> Proxy {
         .await
 }
 
-type Ws = tokio_tungstenite::WebSocketStream<
-    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
->;
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket to `wss://ws.test{path}` through the proxy (over HTTP/1.1).
 async fn ws_connect(
     proxy: &Proxy,
     pki: &Pki,
     path: &str,
-) -> (Ws, tokio_tungstenite::tungstenite::handshake::client::Response) {
+) -> (
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
     let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
         .await
         .unwrap();

@@ -26,10 +26,10 @@ use tokio_util::sync::CancellationToken;
 pub use crate::common::client::cert_report;
 use crate::common::client::{admin_call, send_over, tls_connect, Got};
 pub use crate::common::metrics::scrape_at;
-use crate::common::pki::{backend_tls, client_config_trusting, Alg, Pki};
 pub use crate::common::origin::unreserved_port;
+use crate::common::pki::{backend_tls, client_config_trusting, Alg, Pki};
 pub use crate::common::proxy::Proxy;
-use crate::common::wait::{eventually, wait_for};
+pub use crate::common::wait::{eventually, wait_for, wait_until};
 
 /// Fails (never skips) when Pebble is missing: CI installs it.
 pub fn require(bin: &str) -> PathBuf {
@@ -334,7 +334,6 @@ pub async fn https_request(
 pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
     admin_call(addr, method, path).await
 }
-
 
 /// A metric's value from `/metrics` (exact label set, as rendered).
 pub async fn metric(admin_addr: SocketAddr, series: &str) -> Option<f64> {

@@ -73,7 +73,9 @@ pub async fn echo_upstream() -> (SocketAddr, CancellationToken) {
 
 /// The echo upstream's answer to `req` (for upstreams that also count or
 /// record what they see).
-pub async fn echo(req: Request<Incoming>) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
+pub async fn echo(
+    req: Request<Incoming>,
+) -> Response<http_body_util::combinators::BoxBody<Bytes, Infallible>> {
     let mut seen = Seen::new();
     seen.insert(":method".into(), req.method().to_string());
     seen.insert(":path".into(), req.uri().to_string());
@@ -393,7 +395,11 @@ pub fn ws_echo(
         .headers()
         .get(header::UPGRADE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-    let key = req.headers().get("sec-websocket-key").filter(|_| is_ws)?.clone();
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .filter(|_| is_ws)?
+        .clone();
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {

@@ -166,7 +166,13 @@ pub fn sites_head(admin: bool, top: &str) -> String {
 /// A `[[sites]]` table for multi-site configs: `hosts` (TOML list items,
 /// e.g. `"\"a.test\""`), a certificate at `{prefix}cert.pem` and
 /// `{prefix}key.pem`, and one route answering 200 with `body`.
-pub fn respond_site(name: Option<&str>, hosts: &str, prefix: &str, default: bool, body: &str) -> String {
+pub fn respond_site(
+    name: Option<&str>,
+    hosts: &str,
+    prefix: &str,
+    default: bool,
+    body: &str,
+) -> String {
     let name = name.map_or(String::new(), |n| format!("name = \"{n}\"\n"));
     format!(
         "[[sites]]\n{name}hosts = [{hosts}]\ndefault = {default}\n\
