@@ -122,34 +122,12 @@ async fn http01_certificate_is_issued_stored_and_served() {
     assert!(r["issuer"].as_str().unwrap().contains("Pebble"), "{r}");
     assert!(r["last_error"].is_null(), "{r}");
     assert!(r["next_renewal"].is_string(), "{r}");
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
-        )
-        .await,
-        Some(1.0)
-    );
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
-        )
-        .await,
-        Some(0.0)
-    );
-    let next = metric(
-        proxy.admin(),
-        "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
-    )
-    .await
-    .expect("next renewal gauge");
-    assert!(
-        next > SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    );
+    assert_eq!(renewals(proxy.admin(), "web", "success").await, Some(1.0));
+    assert_eq!(renewals(proxy.admin(), "web", "failure").await, Some(0.0));
+    let next = next_renewal(proxy.admin(), "web")
+        .await
+        .expect("next renewal gauge");
+    assert!(next > now_secs());
     assert_eq!(proxy.acme.stats.orders.load(Ordering::Relaxed), 1);
 
     // The plain-HTTP listener still redirects everything else; a finished
@@ -311,25 +289,10 @@ async fn restart_serves_the_stored_certificate_and_orders_nothing() {
     let r = cert_report(again.admin(), "web").await;
     assert!(r["last_error"].is_null(), "{r}");
     // Pebble's default lifetime is years: renewal is far away.
-    let next = metric(
-        again.admin(),
-        "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
-    )
-    .await
-    .unwrap();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let next = next_renewal(again.admin(), "web").await.unwrap();
+    let now = now_secs();
     assert!(next > now + 86_400.0, "next renewal {next} vs now {now}");
-    assert_eq!(
-        metric(
-            again.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
-        )
-        .await,
-        Some(0.0)
-    );
+    assert_eq!(renewals(again.admin(), "web", "success").await, Some(0.0));
     again.stop().await;
 }
 
@@ -426,14 +389,7 @@ async fn short_lived_certificate_is_renewed_under_load_with_no_failed_request() 
         renewed_after < Duration::from_secs(17),
         "renewed only after {renewed_after:?}"
     );
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
-        )
-        .await,
-        Some(2.0)
-    );
+    assert_eq!(renewals(proxy.admin(), "web", "success").await, Some(2.0));
     proxy.stop().await;
 }
 
@@ -452,12 +408,11 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
 
     // Nothing is attempted before the renewal time; from then on every
     // attempt fails and is retried with backoff (base 1 s, cap 3 s).
-    let failure = "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}";
     let limit = Duration::from_secs(32).saturating_sub(issued_at.elapsed());
     wait_until(
         limit,
         "two failed renewal attempts, 32 s after issue",
-        || async { metric(proxy.admin(), failure).await.unwrap() >= 2.0 },
+        || async { renewals(proxy.admin(), "web", "failure").await.unwrap() >= 2.0 },
     )
     .await;
     assert!(
@@ -477,16 +432,8 @@ async fn ca_outage_backs_off_keeps_serving_and_recovers() {
         "{r}"
     );
     assert_eq!(r["serial"], first);
-    let next = metric(
-        proxy.admin(),
-        "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
-    )
-    .await
-    .unwrap();
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64();
+    let next = next_renewal(proxy.admin(), "web").await.unwrap();
+    let now = now_secs();
     assert!(
         next <= now + 4.0,
         "retry {next} is more than the cap away from {now}"
@@ -534,14 +481,7 @@ async fn refused_nonces_are_retried_beyond_the_librarys_two() {
     let client = pebble.issued_client(&[b"http/1.1"]).await;
     let leaf = handshake(proxy.https, "web.test", client).await.unwrap();
     assert_eq!(common::serial_of(&leaf), serial);
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
-        )
-        .await,
-        Some(0.0)
-    );
+    assert_eq!(renewals(proxy.admin(), "web", "failure").await, Some(0.0));
     proxy.stop().await;
 }
 
@@ -625,14 +565,7 @@ async fn forced_renewal_then_revocation_with_a_fresh_key_each_time() {
         ("Revoked".to_string(), Some(1))
     );
     assert_eq!(pebble.cert_status(&third).await.0, "Valid");
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"success\"}"
-        )
-        .await,
-        Some(3.0)
-    );
+    assert_eq!(renewals(proxy.admin(), "web", "success").await, Some(3.0));
     proxy.stop().await;
 }
 
@@ -673,21 +606,14 @@ async fn ari_window_schedules_the_renewal_and_the_order_replaces_the_old_certifi
     let in_window = |next: f64, now: f64| {
         next >= now + 30.0 * 86_400.0 - 60.0 && next <= now + 31.0 * 86_400.0 + 60.0
     };
-    let unix_now_f = || {
-        SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .unwrap()
-            .as_secs_f64()
-    };
-    let series = "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}";
     eventually(Duration::from_secs(10), || async {
-        metric(proxy.admin(), series)
+        next_renewal(proxy.admin(), "web")
             .await
-            .is_some_and(|next| in_window(next, unix_now_f()))
+            .is_some_and(|next| in_window(next, now_secs()))
     })
     .await;
-    let next = metric(proxy.admin(), series).await.unwrap();
-    let now = unix_now_f();
+    let next = next_renewal(proxy.admin(), "web").await.unwrap();
+    let now = now_secs();
     assert!(in_window(next, now), "next {next} now {now}");
 
     // The CA moves the window to now: the proxy renews within it, and the
@@ -780,21 +706,11 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
     );
     assert!(r["serial"].is_null());
     assert!(r["next_renewal"].is_string());
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"plain\",result=\"success\"}"
-        )
-        .await,
-        Some(0.0)
-    );
+    assert_eq!(renewals(proxy.admin(), "plain", "success").await, Some(0.0));
     assert!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"fallback\",result=\"failure\"}"
-        )
-        .await
-        .unwrap()
+        renewals(proxy.admin(), "fallback", "failure")
+            .await
+            .unwrap()
             >= 1.0
     );
     proxy.stop().await;
@@ -846,14 +762,7 @@ async fn config_reload_adds_an_acme_site_and_keeps_the_others_renewing() {
         Some(first.as_str()),
         "the first site kept its certificate"
     );
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"two\",result=\"failure\"}"
-        )
-        .await,
-        Some(0.0)
-    );
+    assert_eq!(renewals(proxy.admin(), "two", "failure").await, Some(0.0));
     // The first site's task still runs after the reload.
     let (status, body) = admin(proxy.admin(), "POST", "/certs/one/renew?force=1").await;
     assert_eq!(status, 200, "{body}");
@@ -917,12 +826,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
         r["last_error"].as_str().unwrap().contains("rateLimited"),
         "{r}"
     );
-    let next = metric(
-        proxy.admin(),
-        "portcullis_acme_next_renewal_timestamp_seconds{name=\"web\"}",
-    )
-    .await
-    .unwrap();
+    let next = next_renewal(proxy.admin(), "web").await.unwrap();
     let t0 = started
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
@@ -940,14 +844,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
         took >= Duration::from_secs(5),
         "issued after {took:?}: Retry-After ignored"
     );
-    assert_eq!(
-        metric(
-            proxy.admin(),
-            "portcullis_acme_renewals_total{name=\"web\",result=\"failure\"}"
-        )
-        .await,
-        Some(1.0)
-    );
+    assert_eq!(renewals(proxy.admin(), "web", "failure").await, Some(1.0));
     proxy.stop().await;
 }
 

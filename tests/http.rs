@@ -127,12 +127,7 @@ fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 async fn h1_and_h2_downstream_both_reach_an_h11_upstream() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for (cfg, version) in [
         (h1(&pki), http::Version::HTTP_11),
         (h2(&pki), http::Version::HTTP_2),
@@ -161,12 +156,7 @@ async fn h1_and_h2_downstream_both_reach_an_h11_upstream() {
 async fn forwarded_headers_are_added_and_x_forwarded_for_is_appended() {
     let pki = Pki::new();
     let (up, _hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for (cfg, via) in [(h1(&pki), "1.1 portcullis"), (h2(&pki), "2 portcullis")] {
         let r = req(&cfg, "/")
             .header("x-forwarded-for", "203.0.113.7")
@@ -190,12 +180,7 @@ async fn forwarded_headers_are_added_and_x_forwarded_for_is_appended() {
 async fn host_with_port_is_preserved_as_sent() {
     let pki = Pki::new();
     let (up, _hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let r = Request::builder().uri("/p").header("host", "api.test:8443");
     let seen = send(&proxy, h1(&pki), r).await.seen();
     assert_eq!(seen["host"], "api.test:8443");
@@ -237,12 +222,7 @@ const HOP_BY_HOP: [&str; 8] = [
 async fn hop_by_hop_request_headers_are_not_forwarded() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     // HTTP/1.1 only: HTTP/2 forbids these headers, and hyper's h2 client
     // strips them before sending.
     let r = Request::builder()
@@ -268,12 +248,7 @@ async fn hop_by_hop_request_headers_are_not_forwarded() {
 async fn upgrade_other_than_websocket_is_stripped_not_relayed() {
     let pki = Pki::new();
     let (up, _hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let r = Request::builder()
         .uri("/")
         .header("host", "api.test")
@@ -305,12 +280,7 @@ async fn hop_by_hop_response_headers_are_not_returned() {
             .unwrap()
     })
     .await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for cfg in [h1(&pki), h2(&pki)] {
         let got = send(&proxy, cfg.clone(), req(&cfg, "/")).await;
         assert_eq!(got.status, 200);
@@ -335,12 +305,7 @@ async fn refused_upstream_gives_502_with_a_short_body() {
     let pki = Pki::new();
     // Refuses connections for the whole test (held, never given away).
     let closed = Refusing::new();
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{closed}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(closed.addr).start(&pki).await;
     for cfg in [h1(&pki), h2(&pki)] {
         let got = send(&proxy, cfg.clone(), req(&cfg, "/")).await;
         assert_eq!(got.status, 502);
@@ -435,12 +400,7 @@ async fn raw_upstream(reply: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>, Ar
 async fn malformed_upstream_response_gives_502_and_the_connection_is_not_reused() {
     let pki = Pki::new();
     let (up, conns, heads) = raw_upstream(b"\x00\x01 this is not HTTP \xff\r\n\r\n").await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for cfg in [h1(&pki), h2(&pki), h1(&pki)] {
         let got = send(&proxy, cfg.clone(), req(&cfg, "/")).await;
         assert_eq!(got.status, 502);
@@ -621,12 +581,7 @@ async fn path_without_a_route_gets_404() {
 async fn host_no_site_serves_gets_421() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let r = Request::builder().uri("/").header("host", "other.test");
     let got = send(&proxy, h1(&pki), r).await;
     assert_eq!(got.status, 421);
@@ -641,12 +596,7 @@ async fn host_no_site_serves_gets_421() {
 async fn assert_refused(cases: &[(&str, &[u8])]) {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     // The harness counts: a well-formed request does reach the upstream.
     let (ok, _) = raw_tls(
         &proxy,
@@ -745,12 +695,7 @@ async fn conflicting_content_lengths_are_refused() {
 async fn h2_authority_and_host_that_disagree_are_refused() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     // hyper's HTTP/2 client sends a `host` header as a regular field next
     // to `:authority`, so the mismatch reaches the server as is.
     let r = Request::builder()
@@ -772,12 +717,7 @@ async fn h2_authority_and_host_that_disagree_are_refused() {
 async fn ambiguous_request_pipelined_after_a_good_one_is_refused() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let (resp, closed) = raw_tls(
         &proxy,
         &pki,

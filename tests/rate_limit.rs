@@ -44,6 +44,14 @@ fn config(settings: &str, routes: &str) -> String {
         .toml()
 }
 
+/// One route answering `ok` limited to 1 request a minute with `burst`.
+fn ok_route(burst: u32) -> String {
+    format!(
+        "[[sites.routes]]\nrespond = {{ status = 200, body = \"ok\\n\" }}\n\
+         [[sites.routes.rate_limits]]\nrate = \"1/min\"\nburst = {burst}\n"
+    )
+}
+
 impl Rl {
     async fn start(settings: &str, routes: &str) -> Rl {
         let pki = Pki::new();
@@ -228,17 +236,7 @@ async fn each_route_admits_exactly_its_burst_then_429_with_retry_after_and_ratel
 
 #[tokio::test]
 async fn client_addresses_are_limited_independently() {
-    let rl = Rl::start(
-        "",
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 2
-"#,
-    )
-    .await;
+    let rl = Rl::start("", &ok_route(2)).await;
     assert_eq!(rl.statuses(3, "127.0.0.2", "/", &[]).await, [200, 200, 429]);
     // Another address has its own full burst.
     assert_eq!(rl.statuses(3, "127.0.0.3", "/", &[]).await, [200, 200, 429]);
@@ -248,17 +246,7 @@ async fn client_addresses_are_limited_independently() {
 
 #[tokio::test]
 async fn trusted_proxys_forwarded_for_names_the_client() {
-    let rl = Rl::start(
-        r#"trusted_proxies = ["127.0.0.2"]"#,
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 1
-"#,
-    )
-    .await;
+    let rl = Rl::start(r#"trusted_proxies = ["127.0.0.2"]"#, &ok_route(1)).await;
     let via = "127.0.0.2";
     let xff = |v: &'static str| [("x-forwarded-for", v)];
     // Each forwarded client has its own bucket behind the one proxy.
@@ -299,17 +287,7 @@ async fn trusted_proxys_forwarded_for_names_the_client() {
 
 #[tokio::test]
 async fn untrusted_clients_forwarded_for_is_ignored_so_spoofing_cannot_escape_the_limit() {
-    let rl = Rl::start(
-        r#"trusted_proxies = ["127.0.0.2"]"#,
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 2
-"#,
-    )
-    .await;
+    let rl = Rl::start(r#"trusted_proxies = ["127.0.0.2"]"#, &ok_route(2)).await;
     let spoofer = "127.0.0.3";
     let mut statuses = Vec::new();
     for i in 0..12 {
@@ -515,17 +493,7 @@ async fn h2_statuses(rl: &Rl, from: &str, paths: &[&str]) -> Vec<u16> {
 
 #[tokio::test]
 async fn http2_requests_count_like_http1() {
-    let rl = Rl::start(
-        "",
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 5
-"#,
-    )
-    .await;
+    let rl = Rl::start("", &ok_route(5)).await;
     let from = "127.0.0.2";
     let mut remaining = Vec::new();
     for alpn in [&b"h2"[..], b"http/1.1", b"h2"] {

@@ -104,6 +104,25 @@ async fn fixture(name: &'static str) -> Fixture {
 }
 
 impl Fixture {
+    /// The replacement is refused with `error` and the good certificate
+    /// keeps serving; then the good pair written back is published again.
+    async fn keeps_last_good(&mut self, error: &str) {
+        self.expect_rejected(error).await;
+        self.expect_recovery().await;
+    }
+
+    /// A leaf for `names` with the good key (so only the certificate file
+    /// changes), valid from `from_days` to `to_days` days from now.
+    fn same_key_leaf(&self, names: &[&str], from_days: i64, to_days: i64) -> Leaf {
+        let now = time::OffsetDateTime::now_utc();
+        self.pki.leaf_with_key(
+            names,
+            &self.good.key_pem,
+            now + time::Duration::days(from_days),
+            now + time::Duration::days(to_days),
+        )
+    }
+
     /// This site's entry in `GET /certs`.
     async fn inventory(&self) -> serde_json::Value {
         cert_report(self.proxy.admin(), self.name).await
@@ -190,8 +209,7 @@ async fn reload_keeps_last_good_on_truncated_pem() {
     let next = f.pki.leaf(&[&f.host], Alg::Ecdsa);
     // A third of the leaf: the END line never comes.
     replace_file(&f.cert, &next.chain_pem[..next.chain_pem.len() / 6]);
-    f.expect_rejected("damaged or truncated").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("damaged or truncated").await;
 }
 
 #[tokio::test]
@@ -199,8 +217,7 @@ async fn reload_keeps_last_good_on_truncated_key() {
     let mut f = fixture("truncatedkey").await;
     let key = f.good.key_pem.clone();
     replace_file(&f.key, &key[..key.len() / 2]);
-    f.expect_rejected("damaged or truncated").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("damaged or truncated").await;
 }
 
 #[tokio::test]
@@ -210,9 +227,8 @@ async fn reload_keeps_last_good_on_garbage() {
         &f.cert,
         "this is not a certificate\n\u{1}\u{2}\u{3} ~~~ 0xdeadbeef\n",
     );
-    f.expect_rejected("no \"-----BEGIN CERTIFICATE-----\" block found")
+    f.keeps_last_good("no \"-----BEGIN CERTIFICATE-----\" block found")
         .await;
-    f.expect_recovery().await;
 }
 
 #[tokio::test]
@@ -222,8 +238,7 @@ async fn reload_keeps_last_good_on_garbage_inside_pem_markers() {
         &f.cert,
         "-----BEGIN CERTIFICATE-----\nnot*base64*at*all!!\n-----END CERTIFICATE-----\n",
     );
-    f.expect_rejected("damaged or truncated").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("damaged or truncated").await;
 }
 
 #[tokio::test]
@@ -231,8 +246,7 @@ async fn reload_keeps_last_good_on_empty_file() {
     let mut f = fixture("empty").await;
     // In place, as `> cert.pem` does.
     std::fs::File::create(&f.cert).unwrap();
-    f.expect_rejected("the file is empty").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("the file is empty").await;
 }
 
 #[tokio::test]
@@ -240,56 +254,39 @@ async fn reload_keeps_last_good_on_key_that_does_not_match() {
     let mut f = fixture("mismatch").await;
     let other = f.pki.leaf(&[&f.host], Alg::Ecdsa);
     replace_file(&f.key, &other.key_pem);
-    f.expect_rejected("does not match the certificate").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("does not match the certificate").await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_expired_certificate() {
     let mut f = fixture("expired").await;
-    let now = time::OffsetDateTime::now_utc();
     // Same key, so only the certificate file changes.
-    let expired = f.pki.leaf_with_key(
-        &[&f.host],
-        &f.good.key_pem,
-        now - time::Duration::days(90),
-        now - time::Duration::days(1),
-    );
+    let expired = f.same_key_leaf(&[&f.host], -90, -1);
     replace_file(&f.cert, &expired.chain_pem);
-    f.expect_rejected("the certificate expired at").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("the certificate expired at").await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_certificate_not_covering_the_host() {
     let mut f = fixture("notcovering").await;
-    let now = time::OffsetDateTime::now_utc();
-    let other = f.pki.leaf_with_key(
-        &["elsewhere.test"],
-        &f.good.key_pem,
-        now - time::Duration::days(1),
-        now + time::Duration::days(30),
-    );
+    let other = f.same_key_leaf(&["elsewhere.test"], -1, 30);
     replace_file(&f.cert, &other.chain_pem);
-    f.expect_rejected("does not cover \"notcovering.test\"")
+    f.keeps_last_good("does not cover \"notcovering.test\"")
         .await;
-    f.expect_recovery().await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_deleted_file() {
     let mut f = fixture("deleted").await;
     std::fs::remove_file(&f.cert).unwrap();
-    f.expect_rejected("file not found").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("file not found").await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_deleted_key() {
     let mut f = fixture("deletedkey").await;
     std::fs::remove_file(&f.key).unwrap();
-    f.expect_rejected("file not found").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("file not found").await;
 }
 
 /// Whether this process can read a file whose mode is 000 (root, or
@@ -330,8 +327,7 @@ async fn reload_keeps_last_good_on_permission_denied() {
         std::os::unix::fs::symlink(denied, &tmp).unwrap();
         std::fs::rename(&tmp, &f.key).unwrap();
     }
-    f.expect_rejected("permission denied").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("permission denied").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

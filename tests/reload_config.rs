@@ -131,13 +131,7 @@ fn background_traffic(
     tokio::spawn(async move {
         let mut n = 0;
         let mut failures = Vec::new();
-        let tls = tls_connect(addr, "stable.test", pki.client_config(&[b"http/1.1"]))
-            .await
-            .unwrap();
-        let (mut keep, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut keep = h1_client(addr, "stable.test", &pki).await;
         for i in 0..1_000_000u64 {
             if stop.is_cancelled() {
                 break;
@@ -454,13 +448,7 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     let kept = proxy.https;
 
     // A keep-alive connection opened before any reload.
-    let tls = tls_connect(kept, "stable.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut before, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut before = h1_client(kept, "stable.test", &pki).await;
     assert_eq!(ask(&mut before).await, 200);
 
     let stop = CancellationToken::new();
@@ -568,25 +556,14 @@ async fn ask(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -
 
 /// `GET /x` over plain HTTP/1.1; the `Location` of the answer.
 async fn plain_get_location(addr: SocketAddr) -> String {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let req = Request::builder()
         .uri("/x")
         .header("host", "stable.test")
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = tokio::time::timeout(STEP, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 308);
-    resp.headers()[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .to_string()
+    let got = plain_request(addr, req).await;
+    assert_eq!(got.status, 308);
+    got.headers[header::LOCATION].to_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -610,14 +587,6 @@ async fn sighup_reloads_the_running_binary() {
         }
     };
     assert_eq!(body(&proxy).await, "v1");
-    let count = |p: &BinProxy, needle: &str| {
-        p.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    };
 
     // A keep-alive connection from before the reloads.
     let tls = tls_connect(
@@ -635,12 +604,11 @@ async fn sighup_reloads_the_running_binary() {
     std::fs::write(&path, site("v2").toml()).unwrap();
     proxy.signal("HUP");
     // The log line is the event: the process says when it has reloaded.
-    assert!(
-        eventually(STEP, || async {
-            count(&proxy, "configuration reloaded") == 1
-        })
-        .await,
-        "no reload logged:\n{}",
+    proxy.wait_logged(STEP, "configuration reloaded", 1).await;
+    assert_eq!(
+        proxy.log_count("configuration reloaded"),
+        1,
+        "{}",
         proxy.log_text()
     );
     assert_eq!(body(&proxy).await, "v2");
@@ -652,12 +620,13 @@ async fn sighup_reloads_the_running_binary() {
     let line = broken.lines().position(|l| l.contains("bogus")).unwrap() + 1;
     std::fs::write(&path, &broken).unwrap();
     proxy.signal("HUP");
-    assert!(
-        eventually(STEP, || async {
-            count(&proxy, "configuration reload refused") == 1
-        })
-        .await,
-        "no refusal logged:\n{}",
+    proxy
+        .wait_logged(STEP, "configuration reload refused", 1)
+        .await;
+    assert_eq!(
+        proxy.log_count("configuration reload refused"),
+        1,
+        "{}",
         proxy.log_text()
     );
     let refusal = proxy

@@ -68,17 +68,10 @@ async fn start_in_flight(
         tasks.push((
             alpn,
             tokio::spawn(async move {
-                let resp = send(addr, "api.test", cfg, req)
+                request(addr, "api.test", cfg, req)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let status = resp.status().as_u16();
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                Ok((status, body))
+                    .map(|got| (got.status, got.body))
+                    .map_err(|e| e.to_string())
             }),
         ));
     }
@@ -101,6 +94,23 @@ async fn refused_within(addr: SocketAddr, limit: Duration) -> bool {
         )
     })
     .await
+}
+
+/// Waits for the binary to exit after SIGTERM; fails unless it exits 0
+/// within [`LIMIT`].
+async fn assert_exits_0(proxy: &mut BinProxy) {
+    let exit = proxy.wait_exit(LIMIT).await.unwrap_or_else(|| {
+        panic!(
+            "portcullis still running {LIMIT:?} after SIGTERM:\n{}",
+            proxy.log_text()
+        )
+    });
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "exit status {exit:?}; stderr:\n{}",
+        proxy.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,17 +271,10 @@ async fn sigterm_finishes_the_in_flight_request_and_the_binary_exits_0() {
         .unwrap();
     let (addr, cfg) = (proxy.https, pki.client_config(&[b"http/1.1"]));
     let client = tokio::spawn(async move {
-        let resp = send(addr, "api.test", cfg, req)
+        request(addr, "api.test", cfg, req)
             .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
+            .map(|got| (got.status, got.body))
+            .map_err(|e| e.to_string())
     });
     tokio::time::timeout(LIMIT, arrived.recv())
         .await
@@ -291,18 +294,7 @@ async fn sigterm_finishes_the_in_flight_request_and_the_binary_exits_0() {
         });
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"slow");
-    let exit = proxy.wait_exit(LIMIT).await.unwrap_or_else(|| {
-        panic!(
-            "portcullis still running {LIMIT:?} after SIGTERM:\n{}",
-            proxy.log_text()
-        )
-    });
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "exit status {exit:?}; stderr:\n{}",
-        proxy.log_text()
-    );
+    assert_exits_0(&mut proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -327,18 +319,7 @@ async fn sigterm_on_an_idle_binary_exits_0_promptly() {
 
     let t0 = Instant::now();
     proxy.signal("TERM");
-    let exit = proxy.wait_exit(LIMIT).await.unwrap_or_else(|| {
-        panic!(
-            "portcullis still running {LIMIT:?} after SIGTERM:\n{}",
-            proxy.log_text()
-        )
-    });
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "exit status {exit:?}; stderr:\n{}",
-        proxy.log_text()
-    );
+    assert_exits_0(&mut proxy).await;
     assert!(
         t0.elapsed() < Duration::from_secs(5),
         "exit took {:?}",

@@ -130,6 +130,16 @@ struct Sites {
     default: Option<Leaf>,
 }
 
+impl Sites {
+    /// The serial of the leaf served for `sni` to a client with `cfg`.
+    async fn served(&self, sni: &str, cfg: std::sync::Arc<rustls::ClientConfig>) -> String {
+        let tls = tls_connect(self.proxy.https, sni, cfg)
+            .await
+            .unwrap_or_else(|e| panic!("handshake for {sni}: {e}"));
+        serial_of(&peer_leaf(&tls))
+    }
+}
+
 async fn three_sites(with_default: bool) -> Sites {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
@@ -162,24 +172,24 @@ async fn three_sites(with_default: bool) -> Sites {
 #[tokio::test]
 async fn exact_sni_name_gets_its_own_certificate() {
     let s = three_sites(true).await;
-    let tls = tls_connect(s.proxy.https, "a.test", s.pki.client_config(&[]))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.exact.serial);
+    assert_eq!(
+        s.served("a.test", s.pki.client_config(&[])).await,
+        s.exact.serial
+    );
     // Case does not matter in SNI.
-    let tls = tls_connect(s.proxy.https, "A.Test", any_cert_client(true))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.exact.serial);
+    assert_eq!(
+        s.served("A.Test", any_cert_client(true)).await,
+        s.exact.serial
+    );
 }
 
 #[tokio::test]
 async fn wildcard_matches_exactly_one_label() {
     let s = three_sites(true).await;
-    let tls = tls_connect(s.proxy.https, "a.example.test", s.pki.client_config(&[]))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.wildcard.serial);
+    assert_eq!(
+        s.served("a.example.test", s.pki.client_config(&[])).await,
+        s.wildcard.serial
+    );
     let default = s.default.as_ref().unwrap();
     // Two labels, or none, are not covered by `*.example.test`: the default answers.
     for name in ["a.b.example.test", "example.test"] {
@@ -194,10 +204,10 @@ async fn wildcard_matches_exactly_one_label() {
 async fn default_site_certificate_serves_unknown_names_and_no_sni() {
     let s = three_sites(true).await;
     let default = s.default.as_ref().unwrap();
-    let tls = tls_connect(s.proxy.https, "unknown.test", any_cert_client(true))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), default.serial);
+    assert_eq!(
+        s.served("unknown.test", any_cert_client(true)).await,
+        default.serial
+    );
     let tls = tls_connect(s.proxy.https, "a.test", any_cert_client(false))
         .await
         .unwrap();
@@ -235,10 +245,10 @@ async fn unknown_name_without_default_site_gets_unrecognized_name_alert() {
         "no SNI: {err:?}"
     );
     // Known names still work on the same listener.
-    let tls = tls_connect(s.proxy.https, "a.test", s.pki.client_config(&[]))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.exact.serial);
+    assert_eq!(
+        s.served("a.test", s.pki.client_config(&[])).await,
+        s.exact.serial
+    );
 }
 
 #[tokio::test]

@@ -67,6 +67,22 @@ async fn spread(
 // ---------------------------------------------------------------------------
 // Balancing
 
+/// Waits until every backend has had more than 20 requests.
+async fn traffic_on(backends: &[&Backend]) {
+    wait_until(WAIT, "traffic on every upstream", || async {
+        backends.iter().all(|b| b.hits() > 20)
+    })
+    .await;
+}
+
+/// Waits until `portcullis_upstream_healthy` of `label` on route `/` is `value`.
+async fn await_health(proxy: &Proxy, label: &str, value: f64, what: &str) {
+    wait_until(WAIT, what, || async {
+        healthy(proxy, "/", label).await == Some(value)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn weighted_round_robin_shares_follow_the_weights() {
     let pki = Pki::new();
@@ -286,16 +302,10 @@ async fn killed_upstream_under_load_loses_no_request_and_is_taken_out_by_passive
     let label = b.label();
     assert_eq!(healthy(&proxy, "/", &label).await, Some(1.0));
     let load = Load::start(&proxy, &pki, 6).await;
-    wait_until(WAIT, "traffic on every upstream", || async {
-        a.hits() > 20 && b.hits() > 20 && c.hits() > 20
-    })
-    .await;
+    traffic_on(&[&a, &b, &c]).await;
 
     b.kill();
-    wait_until(WAIT, "b marked down by the passive check", || async {
-        healthy(&proxy, "/", &label).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &label, 0.0, "b marked down by the passive check").await;
     // a and c carry on.
     let (a0, c0) = (a.hits(), c.hits());
     wait_until(WAIT, "traffic on a and c", || async {
@@ -362,18 +372,12 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
     })
     .await;
     let load = Load::start(&proxy, &pki, 6).await;
-    wait_until(WAIT, "traffic on every upstream", || async {
-        a.hits() > 20 && b.hits() > 20 && c.hits() > 20
-    })
-    .await;
+    traffic_on(&[&a, &b, &c]).await;
 
     // Killed: the active checks take it out (passive checks are off, so
     // until then requests that hit it are retried on the others).
     b.kill();
-    wait_until(WAIT, "b marked down by the active check", || async {
-        healthy(&proxy, "/", &label).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &label, 0.0, "b marked down by the active check").await;
     let b_out = b.hits();
     let (a0, c0) = (a.hits(), c.hits());
     wait_until(WAIT, "traffic on a and c", || async {
@@ -393,10 +397,7 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
     // A live upstream whose health endpoint fails is taken out too.
     c.set_healthy(false);
     let c_label = c.label();
-    wait_until(WAIT, "c marked down", || async {
-        healthy(&proxy, "/", &c_label).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &c_label, 0.0, "c marked down").await;
     let c_out = c.hits();
     let a1 = a.hits();
     wait_until(WAIT, "traffic on a", || async { a.hits() > a1 + 50 }).await;
@@ -676,10 +677,7 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
         .start(&pki)
         .await;
     let (la, lb, lc) = (a.label(), b.label(), c.label());
-    wait_until(WAIT, "b down", || async {
-        healthy(&proxy, "/", &lb).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &lb, 0.0, "b down").await;
 
     // The group changes (retries, and a new upstream): b stays out at once
     // (a fresh state would start in service), c starts in service.
@@ -701,10 +699,7 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
     assert_eq!(b.hits(), 0);
     // The restarted check task still watches b.
     b.set_healthy(true);
-    wait_until(WAIT, "b back", || async {
-        healthy(&proxy, "/", &lb).await == Some(1.0)
-    })
-    .await;
+    await_health(&proxy, &lb, 1.0, "b back").await;
 
     // A removed upstream's series disappear.
     proxy
@@ -777,38 +772,33 @@ async fn each_health_change_is_logged_once() {
     );
     let proxy = OneSite::new().routes(&routes).start_bin(&pki);
     let upstream = format!("upstream={}", b.label());
-    let count = |what: &str| {
-        proxy
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(what) && l.contains(&upstream))
-            .count()
-    };
-    let checks_on_a = || a.shared.health_hits.load(Ordering::SeqCst);
-
     b.kill();
-    wait_until(WAIT, "b logged out of service", || async {
-        count("out of service (active check)") == 1
-    })
-    .await;
-    // Many more checks fail on b; nothing more is logged.
-    let seen = checks_on_a();
-    wait_until(WAIT, "ten more check rounds", || async {
-        checks_on_a() >= seen + 10
-    })
-    .await;
-    assert_eq!(
-        count("out of service (active check)"),
-        1,
-        "{}",
-        proxy.log_text()
-    );
-
+    logged_once(&proxy, &upstream, "out of service (active check)", &a).await;
     b.revive().await;
-    wait_until(WAIT, "b logged back in service", || async {
-        count("back in service (active check)") == 1
+    logged_once(&proxy, &upstream, "back in service (active check)", &a).await;
+    assert_eq!(
+        log_count(&proxy, &upstream, "out of service (active check)"),
+        1
+    );
+}
+
+/// Log lines about `upstream` containing `what`.
+fn log_count(proxy: &BinProxy, upstream: &str, what: &str) -> usize {
+    proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(what) && l.contains(upstream))
+        .count()
+}
+
+/// `what` is logged about `upstream` once when it happens, then not again
+/// over ten more health-check rounds (counted on `a`).
+async fn logged_once(proxy: &BinProxy, upstream: &str, what: &str, a: &Backend) {
+    let checks_on_a = || a.shared.health_hits.load(Ordering::SeqCst);
+    wait_until(WAIT, what, || async {
+        log_count(proxy, upstream, what) == 1
     })
     .await;
     let seen = checks_on_a();
@@ -816,11 +806,5 @@ async fn each_health_change_is_logged_once() {
         checks_on_a() >= seen + 10
     })
     .await;
-    assert_eq!(
-        count("back in service (active check)"),
-        1,
-        "{}",
-        proxy.log_text()
-    );
-    assert_eq!(count("out of service (active check)"), 1);
+    assert_eq!(log_count(proxy, upstream, what), 1, "{}", proxy.log_text());
 }

@@ -336,6 +336,31 @@ pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) 
 }
 
 /// A metric's value from `/metrics` (exact label set, as rendered).
+/// `portcullis_acme_next_renewal_timestamp_seconds` of site `name`.
+pub async fn next_renewal(admin_addr: SocketAddr, name: &str) -> Option<f64> {
+    scrape_at(admin_addr).await.exact(
+        "portcullis_acme_next_renewal_timestamp_seconds",
+        &[("name", name)],
+    )
+}
+
+/// Now, in Unix seconds (as the timestamp metrics are).
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// `portcullis_acme_renewals_total` of site `name` with `result`
+/// (`success` or `failure`).
+pub async fn renewals(admin_addr: SocketAddr, name: &str, result: &str) -> Option<f64> {
+    scrape_at(admin_addr).await.exact(
+        "portcullis_acme_renewals_total",
+        &[("name", name), ("result", result)],
+    )
+}
+
 pub async fn metric(admin_addr: SocketAddr, series: &str) -> Option<f64> {
     scrape_at(admin_addr).await.series(series)
 }

@@ -20,6 +20,17 @@ use crate::common::pki::{serial_of, Pki};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Any request body the client can send (a stream too).
+pub trait ReqBody:
+    hyper::body::Body<Data: Send, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
+impl<B> ReqBody for B where
+    B: hyper::body::Body<Data: Send, Error: Into<BoxError>> + Send + Unpin + 'static
+{
+}
+
 /// A TLS connection to `addr` with `sni`.
 pub async fn tls_connect(
     addr: SocketAddr,
@@ -100,15 +111,10 @@ impl Got {
 
 /// Sends `req` over an established TLS connection, h2 when ALPN chose it,
 /// and returns the response with its body unread.
-pub async fn send_over<B>(
+pub async fn send_over<B: ReqBody>(
     tls: TlsStream<TcpStream>,
     req: Request<B>,
-) -> Result<Response<Incoming>, BoxError>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+) -> Result<Response<Incoming>, BoxError> {
     let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let io = TokioIo::new(tls);
     if h2 {
@@ -126,26 +132,22 @@ where
 /// Sends `req` (any body, e.g. a stream) over a fresh TLS connection with
 /// ALPN from `cfg` and returns the response with its body unread. For h1 the
 /// request should carry a Host header; for h2 an absolute URI.
-pub async fn send<B>(
+pub async fn send<B: ReqBody>(
     addr: SocketAddr,
     sni: &str,
     cfg: Arc<rustls::ClientConfig>,
     req: Request<B>,
-) -> Result<Response<Incoming>, BoxError>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<BoxError>,
-{
+) -> Result<Response<Incoming>, BoxError> {
     send_over(tls_connect(addr, sni, cfg).await?, req).await
 }
 
-/// Sends one request over a fresh TLS connection with ALPN `h2` or `http/1.1`.
-pub async fn request(
+/// Sends one request over a fresh TLS connection with ALPN `h2` or
+/// `http/1.1` and reads the whole response.
+pub async fn request<B: ReqBody>(
     addr: SocketAddr,
     sni: &str,
     cfg: Arc<rustls::ClientConfig>,
-    req: Request<Full<Bytes>>,
+    req: Request<B>,
 ) -> Result<Got, BoxError> {
     Got::read(send(addr, sni, cfg, req).await?).await
 }
@@ -186,21 +188,29 @@ pub fn req_builder(alpn: &[u8], host: &str, path: &str) -> http::request::Builde
 /// `method path` (empty body) on a plain-HTTP/1.1 endpoint (the admin
 /// API): status and body.
 pub async fn admin_call(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let req = Request::builder()
         .method(method)
         .uri(path)
         .header("host", addr.to_string())
         .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = send.send_request(req).await.unwrap();
-    let status = resp.status().as_u16();
-    let body = resp.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8(body.to_vec()).unwrap())
+    let got = plain_request(addr, req).await;
+    (got.status, String::from_utf8(got.body.to_vec()).unwrap())
+}
+
+/// One request over a fresh plain-TCP HTTP/1.1 connection (the admin API,
+/// a plain-HTTP listener); at most 20 s.
+pub async fn plain_request(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    let exchange = async {
+        let tcp = TcpStream::connect(addr).await?;
+        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+        tokio::spawn(conn);
+        Got::read(send.send_request(req).await?).await
+    };
+    tokio::time::timeout(Duration::from_secs(20), exchange)
+        .await
+        .unwrap_or_else(|_| panic!("no answer from {addr} within 20 s"))
+        .unwrap_or_else(|e| panic!("plain HTTP to {addr}: {e}"))
 }
 
 /// `GET path` on the admin API: status and body.
@@ -247,6 +257,22 @@ pub async fn served_serial(addr: SocketAddr, sni: &str, pki: &Pki) -> String {
     .unwrap_or_else(|_| panic!("handshake for {sni} timed out"))
     .unwrap_or_else(|e| panic!("handshake for {sni}: {e}"));
     serial_of(&peer_leaf(&tls))
+}
+
+/// One HTTP/1.1 keep-alive connection to `addr` for `sni`.
+pub async fn h1_client<B: ReqBody>(
+    addr: SocketAddr,
+    sni: &str,
+    pki: &Pki,
+) -> hyper::client::conn::http1::SendRequest<B> {
+    let tls = tls_connect(addr, sni, pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap_or_else(|e| panic!("TLS to {addr} for {sni}: {e}"));
+    let (send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    send
 }
 
 /// One HTTP/2 connection to `addr` for `sni`; clone the sender per task.

@@ -157,6 +157,26 @@ impl Pki {
         (leaf, spec.key)
     }
 
+    fn server_leaf(
+        &self,
+        names: &[&str],
+        key: KeyPair,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Leaf {
+        let usage = ExtendedKeyUsagePurpose::ServerAuth;
+        let cn = names[0];
+        self.sign(LeafSpec {
+            names,
+            cn,
+            usage,
+            key,
+            not_before,
+            not_after,
+        })
+        .0
+    }
+
     /// A leaf for `names`, valid from yesterday for 90 days.
     pub fn leaf(&self, names: &[&str], alg: Alg) -> Leaf {
         let (not_before, not_after) = default_dates();
@@ -171,15 +191,7 @@ impl Pki {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     ) -> Leaf {
-        self.sign(LeafSpec {
-            names,
-            cn: names[0],
-            usage: ExtendedKeyUsagePurpose::ServerAuth,
-            key: new_key(alg),
-            not_before,
-            not_after,
-        })
-        .0
+        self.server_leaf(names, new_key(alg), not_before, not_after)
     }
 
     /// A leaf for `names` with an existing private key (PEM), as certbot's
@@ -191,15 +203,12 @@ impl Pki {
         not_before: time::OffsetDateTime,
         not_after: time::OffsetDateTime,
     ) -> Leaf {
-        self.sign(LeafSpec {
+        self.server_leaf(
             names,
-            cn: names[0],
-            usage: ExtendedKeyUsagePurpose::ServerAuth,
-            key: KeyPair::from_pem(key_pem).unwrap(),
+            KeyPair::from_pem(key_pem).unwrap(),
             not_before,
             not_after,
-        })
-        .0
+        )
     }
 
     fn issue(&self, cn: &str, names: &[&str], usage: ExtendedKeyUsagePurpose) -> Issued {

@@ -465,6 +465,28 @@ impl BinProxy {
         self.child.try_wait().unwrap()
     }
 
+    /// How many stderr lines so far contain `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        self.log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Awaits the `n`th log line containing `needle` (a log line is the
+    /// event a child process gives); fails the test after `limit`.
+    pub async fn wait_logged(&self, limit: Duration, needle: &str, n: usize) {
+        let logged =
+            crate::common::wait::eventually(limit, || async { self.log_count(needle) >= n }).await;
+        assert!(
+            logged,
+            "no {needle:?} logged within {limit:?}:\n{}",
+            self.log_text()
+        );
+    }
+
     /// The stderr lines so far, joined.
     pub fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
