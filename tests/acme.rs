@@ -688,15 +688,7 @@ async fn before_the_first_certificate_handshakes_fail_cleanly_or_use_the_interna
     assert_eq!((status, body.as_str()), (200, "hello from fallback\n"));
 
     // The failure is visible; both sites keep retrying.
-    let r = wait_for(
-        Duration::from_secs(10),
-        "an error reported for plain",
-        || async {
-            let r = cert_report(proxy.admin(), "plain").await;
-            r["last_error"].is_string().then_some(r)
-        },
-    )
-    .await;
+    let r = error_report(proxy.admin(), "plain").await;
     assert!(
         r["last_error"]
             .as_str()
@@ -813,15 +805,7 @@ async fn rate_limited_order_waits_for_the_cas_retry_after() {
     .await;
     // The refusal is visible, and the retry waits for the CA's Retry-After
     // (6 s), past the configured cap (retry_max = 3 s).
-    let r = wait_for(
-        Duration::from_secs(10),
-        "an error reported for web",
-        || async {
-            let r = cert_report(proxy.admin(), "web").await;
-            r["last_error"].is_string().then_some(r)
-        },
-    )
-    .await;
+    let r = error_report(proxy.admin(), "web").await;
     assert!(
         r["last_error"].as_str().unwrap().contains("rateLimited"),
         "{r}"

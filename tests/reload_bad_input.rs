@@ -104,6 +104,17 @@ async fn fixture(name: &'static str) -> Fixture {
 }
 
 impl Fixture {
+    /// `serial` is published for this site, and the next handshake gets it.
+    async fn expect_served(&mut self, serial: &str) {
+        wait_published(&mut self.events, self.name, serial, LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(
+            served_serial(self.proxy.https, &self.host, &self.pki).await,
+            serial
+        );
+    }
+
     /// The replacement is refused with `error` and the good certificate
     /// keeps serving; then the good pair written back is published again.
     async fn keeps_last_good(&mut self, error: &str) {
@@ -185,13 +196,7 @@ impl Fixture {
         let next = self.pki.leaf(&[&self.host], Alg::Ecdsa);
         replace_file(&self.key, &next.key_pem);
         replace_file(&self.cert, &next.chain_pem);
-        wait_published(&mut self.events, self.name, &next.serial, LIMIT)
-            .await
-            .unwrap();
-        assert_eq!(
-            served_serial(self.proxy.https, &self.host, &self.pki).await,
-            next.serial
-        );
+        self.expect_served(&next.serial).await;
         let inv = self.inventory().await;
         assert_eq!(inv["last_result"], "ok", "{inv}");
         assert_eq!(inv["last_error"], serde_json::Value::Null, "{inv}");
@@ -386,13 +391,7 @@ async fn certificate_written_before_its_key_converges_without_a_mismatched_pair(
     );
 
     replace_file(&f.key, &next.key_pem);
-    wait_published(&mut f.events, f.name, &next.serial, LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        served_serial(f.proxy.https, &f.host, &f.pki).await,
-        next.serial
-    );
+    f.expect_served(&next.serial).await;
     assert_eq!(f.inventory().await["last_error"], serde_json::Value::Null);
 
     stop.cancel();
@@ -408,11 +407,5 @@ async fn key_written_before_its_certificate_converges_too() {
     replace_file(&f.key, &next.key_pem);
     f.expect_rejected("does not match the certificate").await;
     replace_file(&f.cert, &next.chain_pem);
-    wait_published(&mut f.events, f.name, &next.serial, LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        served_serial(f.proxy.https, &f.host, &f.pki).await,
-        next.serial
-    );
+    f.expect_served(&next.serial).await;
 }

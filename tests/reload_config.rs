@@ -195,13 +195,7 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
     let dirp = proxy.dir.as_path().to_path_buf();
 
     // A WebSocket on /ws (HTTP/1.1 upgrade).
-    let tls = tls_connect(
-        proxy.https,
-        "stable.test",
-        pki.client_config(&[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let tls = stable_h1(proxy.https, &pki).await;
     let (mut ws, resp) = tokio::time::timeout(
         STEP,
         tokio_tungstenite::client_async("wss://stable.test/ws", tls),
@@ -536,6 +530,17 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     proxy.shutdown.cancel();
 }
 
+/// A TLS connection to the `stable` site offering HTTP/1.1.
+async fn stable_h1(proxy: &Proxy, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect(
+        proxy.https,
+        "stable.test",
+        pki.client_config(&[b"http/1.1"]),
+    )
+    .await
+    .unwrap()
+}
+
 /// `GET /` on an open HTTP/1.1 connection: the status.
 async fn ask(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> StatusCode {
     let req = req_builder(b"http/1.1", "stable.test", "/")
@@ -589,13 +594,7 @@ async fn sighup_reloads_the_running_binary() {
     assert_eq!(body(&proxy).await, "v1");
 
     // A keep-alive connection from before the reloads.
-    let tls = tls_connect(
-        proxy.https,
-        "stable.test",
-        pki.client_config(&[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let tls = stable_h1(proxy.https, &pki).await;
     let (mut before, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();

@@ -569,16 +569,22 @@ async fn send_with_body(
     send_req(&mut send, req).await.unwrap()
 }
 
+/// A route whose first pick (weight) is `first`, then `good`; passive
+/// checks never take `first` out.
+fn first_then_good(first: impl std::fmt::Display, good: &Backend) -> String {
+    format!(
+        "[[sites.routes]]\nupstreams = [{{ url = \"http://{first}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
+        url(good)
+    )
+}
+
 #[tokio::test]
 async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
     let pki = Pki::new();
     let (hole, requests, body_bytes) = black_hole(Duration::ZERO).await;
     let good = Backend::start("good", Mode::H1).await;
     // The black hole is picked first (weight), and stays in service.
-    let routes = format!(
-        "[[sites.routes]]\nupstreams = [{{ url = \"http://{hole}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
-        url(&good)
-    );
+    let routes = first_then_good(hole, &good);
     let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let body = "x=1&y=2&amount=100";
 
@@ -610,10 +616,7 @@ async fn any_method_is_retried_when_nothing_was_sent() {
     let pki = Pki::new();
     let refused = Refusing::new();
     let good = Backend::start("good", Mode::H1).await;
-    let routes = format!(
-        "[[sites.routes]]\nupstreams = [{{ url = \"http://{refused}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
-        url(&good)
-    );
+    let routes = first_then_good(refused, &good);
     let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let body = "payload";
     let (status, who) = send_with_body(&proxy, &pki, "POST", body).await;

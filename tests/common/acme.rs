@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
@@ -336,6 +336,16 @@ pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) 
 }
 
 /// A metric's value from `/metrics` (exact label set, as rendered).
+/// The `/certs` entry of `name` once it reports a `last_error` (at most 10 s).
+pub async fn error_report(admin_addr: SocketAddr, name: &str) -> serde_json::Value {
+    let what = format!("an error reported for {name}");
+    wait_for(Duration::from_secs(10), &what, || async {
+        let r = cert_report(admin_addr, name).await;
+        r["last_error"].is_string().then_some(r)
+    })
+    .await
+}
+
 /// `portcullis_acme_next_renewal_timestamp_seconds` of site `name`.
 pub async fn next_renewal(admin_addr: SocketAddr, name: &str) -> Option<f64> {
     scrape_at(admin_addr).await.exact(

@@ -13,6 +13,8 @@
 //!   certificate events to await.
 //! - [`cli`]: the `portcullis` CLI and the on-call fixture.
 //! - [`acme`]: a real Pebble, ACME config text, the ARI front.
+// Each test binary uses part of the harness: unused helpers and
+// re-exports are expected there.
 #![allow(dead_code, unused_imports)]
 
 pub mod acme;
