@@ -531,14 +531,10 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
 }
 
 /// A TLS connection to the `stable` site offering HTTP/1.1.
-async fn stable_h1(proxy: &Proxy, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
-    tls_connect(
-        proxy.https,
-        "stable.test",
-        pki.client_config(&[b"http/1.1"]),
-    )
-    .await
-    .unwrap()
+async fn stable_h1(addr: SocketAddr, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect(addr, "stable.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap()
 }
 
 /// `GET /` on an open HTTP/1.1 connection: the status.
