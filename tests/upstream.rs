@@ -276,6 +276,18 @@ impl Load {
     }
 
     /// Stops the load; returns (answered 200, everything else).
+    /// Stops the load; fails the test if any request failed.
+    async fn finish_with_no_failure(self) {
+        let (ok, bad) = self.finish().await;
+        assert!(
+            bad.is_empty(),
+            "{} of {} requests failed, e.g. {:?}",
+            bad.len(),
+            ok + bad.len(),
+            &bad[..bad.len().min(5)]
+        );
+    }
+
     async fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
@@ -320,14 +332,7 @@ async fn killed_upstream_under_load_loses_no_request_and_is_taken_out_by_passive
     })
     .await;
 
-    let (ok, bad) = load.finish().await;
-    assert!(
-        bad.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        bad.len(),
-        ok + bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    load.finish_with_no_failure().await;
     let m = scrape(&proxy).await;
     let on_b = [
         ("site", "api.test"),
@@ -408,14 +413,7 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
     })
     .await;
 
-    let (ok, bad) = load.finish().await;
-    assert!(
-        bad.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        bad.len(),
-        ok + bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    load.finish_with_no_failure().await;
 }
 
 // ---------------------------------------------------------------------------
