@@ -88,6 +88,21 @@ fn by_name(arr: &[Value]) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// `portcullis certs --config CONFIG --within WITHIN`.
+async fn certs_within(config: &std::path::Path, within: &str) -> Cli {
+    cli(
+        [
+            "certs".as_ref(),
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--within".as_ref(),
+            within.as_ref(),
+        ],
+        &[],
+    )
+    .await
+}
+
 #[tokio::test]
 async fn certs_table_from_admin_lists_each_certificate_with_dates_and_status() {
     let oc = OnCall::start().await;
@@ -242,17 +257,7 @@ async fn certs_within_exits_1_for_the_soon_and_the_expired_certificate() {
 
     // From the config, the same answer.
     let config = oc.path("portcullis.toml");
-    let out = cli(
-        [
-            "certs".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--within".as_ref(),
-            "30d".as_ref(),
-        ],
-        &[],
-    )
-    .await;
+    let out = certs_within(&config, "30d").await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(
         out.stderr.contains("soon: expires") && out.stderr.contains("expired: expires"),
@@ -261,17 +266,7 @@ async fn certs_within_exits_1_for_the_soon_and_the_expired_certificate() {
 
     // Only the 90-day certificate: nothing within 30 days.
     let only = oc.path("only-normal.toml");
-    let out = cli(
-        [
-            "certs".as_ref(),
-            "--config".as_ref(),
-            only.as_os_str(),
-            "--within".as_ref(),
-            "30d".as_ref(),
-        ],
-        &[],
-    )
-    .await;
+    let out = certs_within(&only, "30d").await;
     assert_eq!(out.code, Some(0), "{out:?}");
     assert_eq!(
         parse_table(&out.stdout).keys().collect::<Vec<_>>(),
@@ -279,17 +274,7 @@ async fn certs_within_exits_1_for_the_soon_and_the_expired_certificate() {
     );
     assert_eq!(out.stderr, "");
     // ...but within 100 days it is.
-    let out = cli(
-        [
-            "certs".as_ref(),
-            "--config".as_ref(),
-            only.as_os_str(),
-            "--within".as_ref(),
-            "100d".as_ref(),
-        ],
-        &[],
-    )
-    .await;
+    let out = certs_within(&only, "100d").await;
     assert_eq!(out.code, Some(1), "{out:?}");
 }
 
@@ -345,17 +330,7 @@ async fn certs_from_config_does_not_count_internal_certificates_as_expiring() {
         ),
     )
     .unwrap();
-    let out = cli(
-        [
-            "certs".as_ref(),
-            "--config".as_ref(),
-            config.as_os_str(),
-            "--within".as_ref(),
-            "30d".as_ref(),
-        ],
-        &[],
-    )
-    .await;
+    let out = certs_within(&config, "30d").await;
     // An internal certificate only exists inside a running proxy, which
     // renews it by itself: read from a config it has no dates, and that
     // is not "expires within 30 days".
@@ -371,10 +346,8 @@ async fn certs_from_config_does_not_count_internal_certificates_as_expiring() {
 
 #[tokio::test]
 async fn certs_admin_unreachable_is_a_clear_error() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Refuses connections while held (a bound socket that never listens).
+    let closed = Refusing::new();
     let out = cli(["certs", "--admin", &format!("http://{closed}")], &[]).await;
     assert_eq!(out.code, Some(1), "{out:?}");
     assert!(out.stderr.contains(&closed.to_string()), "{out:?}");

@@ -203,10 +203,8 @@ async fn inspect_without_the_private_root_reports_unknown_issuer() {
 
 #[tokio::test]
 async fn inspect_refused_connection_is_a_clear_error() {
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Refuses connections while held (a bound socket that never listens).
+    let closed = Refusing::new();
     let out = cli(
         [
             "inspect",

@@ -12,7 +12,9 @@ use common::*;
 use portcullis::config::Config;
 use tokio_util::sync::CancellationToken;
 
-/// A valid file; tests replace one line at a time. Line numbers:
+/// A valid file; tests replace one line at a time. Kept as literal text,
+/// not built with `OneSite`: the expected messages and `replace_line`
+/// count its lines, so they must be visible right here. Line numbers:
 /// 1 `[admin]`, 4 listeners[0].listen, 5 `[[sites]]`, 6 hosts, 7 tls,
 /// 8 `[[sites.routes]]`, 9 upstream.
 const BASE: &str = r#"[admin]

@@ -14,29 +14,17 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-const HEAD: &str = r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-"#;
-
 /// Starts the proxy with one site, `api.test`, whose routes are `routes`;
 /// `top` is added before the site (e.g. a `[timeouts]` table).
 async fn start(pki: &Pki, top: &str, routes: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], Alg::Ecdsa).write(dir.path(), "");
-    let toml = format!(
-        "{HEAD}{top}\n[[sites]]\nhosts = [\"api.test\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n{routes}"
-    );
-    Proxy::start_in(dir, &toml).await
+    OneSite::new().top(top).routes(routes).start(pki).await
 }
 
 fn h1(pki: &Pki) -> Arc<rustls::ClientConfig> {
@@ -52,31 +40,8 @@ async fn counting_echo() -> (SocketAddr, Arc<AtomicUsize>, CancellationToken) {
     let hits = Arc::new(AtomicUsize::new(0));
     let h = hits.clone();
     let (addr, stop) = upstream(move |req: Request<Incoming>| {
-        let h = h.clone();
-        async move {
-            h.fetch_add(1, Ordering::SeqCst);
-            let mut seen = Seen::new();
-            seen.insert(":method".into(), req.method().to_string());
-            seen.insert(":path".into(), req.uri().to_string());
-            seen.insert(":version".into(), format!("{:?}", req.version()));
-            for (k, v) in req.headers() {
-                let v = String::from_utf8_lossy(v.as_bytes()).to_string();
-                seen.entry(k.to_string())
-                    .and_modify(|e| {
-                        e.push_str(", ");
-                        e.push_str(&v);
-                    })
-                    .or_insert(v);
-            }
-            let body = req
-                .into_body()
-                .collect()
-                .await
-                .map(|b| b.to_bytes())
-                .unwrap_or_default();
-            seen.insert(":body-len".into(), body.len().to_string());
-            Response::new(full(serde_json::to_vec(&seen).unwrap()))
-        }
+        h.fetch_add(1, Ordering::SeqCst);
+        echo(req)
     })
     .await;
     (addr, hits, stop)
@@ -162,12 +127,7 @@ fn header_of<'a>(response: &'a str, name: &str) -> Option<&'a str> {
 async fn h1_and_h2_downstream_both_reach_an_h11_upstream() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for (cfg, version) in [
         (h1(&pki), http::Version::HTTP_11),
         (h2(&pki), http::Version::HTTP_2),
@@ -196,12 +156,7 @@ async fn h1_and_h2_downstream_both_reach_an_h11_upstream() {
 async fn forwarded_headers_are_added_and_x_forwarded_for_is_appended() {
     let pki = Pki::new();
     let (up, _hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for (cfg, via) in [(h1(&pki), "1.1 portcullis"), (h2(&pki), "2 portcullis")] {
         let r = req(&cfg, "/")
             .header("x-forwarded-for", "203.0.113.7")
@@ -225,12 +180,7 @@ async fn forwarded_headers_are_added_and_x_forwarded_for_is_appended() {
 async fn host_with_port_is_preserved_as_sent() {
     let pki = Pki::new();
     let (up, _hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let r = Request::builder().uri("/p").header("host", "api.test:8443");
     let seen = send(&proxy, h1(&pki), r).await.seen();
     assert_eq!(seen["host"], "api.test:8443");
@@ -273,12 +223,7 @@ const HOP_BY_HOP: [&str; 6] = [
 async fn hop_by_hop_request_headers_are_not_forwarded() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     // HTTP/1.1 only: HTTP/2 forbids these headers, and hyper's h2 client
     // strips them before sending.
     let r = Request::builder()
@@ -306,12 +251,7 @@ async fn hop_by_hop_request_headers_are_not_forwarded() {
 async fn upgrade_other_than_websocket_is_stripped_not_relayed() {
     let pki = Pki::new();
     let (up, _hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let r = Request::builder()
         .uri("/")
         .header("host", "api.test")
@@ -343,12 +283,7 @@ async fn hop_by_hop_response_headers_are_not_returned() {
             .unwrap()
     })
     .await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for cfg in [h1(&pki), h2(&pki)] {
         let got = send(&proxy, cfg.clone(), req(&cfg, "/")).await;
         assert_eq!(got.status, 200);
@@ -371,16 +306,9 @@ async fn hop_by_hop_response_headers_are_not_returned() {
 #[tokio::test]
 async fn refused_upstream_gives_502_with_a_short_body() {
     let pki = Pki::new();
-    let closed = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{closed}\"\n"),
-    )
-    .await;
+    // Refuses connections for the whole test (held, never given away).
+    let closed = Refusing::new();
+    let proxy = OneSite::new().upstream(closed.addr).start(&pki).await;
     for cfg in [h1(&pki), h2(&pki)] {
         let got = send(&proxy, cfg.clone(), req(&cfg, "/")).await;
         assert_eq!(got.status, 502);
@@ -475,12 +403,7 @@ async fn raw_upstream(reply: &'static [u8]) -> (SocketAddr, Arc<AtomicUsize>, Ar
 async fn malformed_upstream_response_gives_502_and_the_connection_is_not_reused() {
     let pki = Pki::new();
     let (up, conns, heads) = raw_upstream(b"\x00\x01 this is not HTTP \xff\r\n\r\n").await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for cfg in [h1(&pki), h2(&pki), h1(&pki)] {
         let got = send(&proxy, cfg.clone(), req(&cfg, "/")).await;
         assert_eq!(got.status, 502);
@@ -498,12 +421,13 @@ async fn malformed_upstream_response_gives_502_and_the_connection_is_not_reused(
 // The plain-HTTP listener
 
 async fn start_with_http_listener(pki: &Pki, https_port: &str) -> Proxy {
-    start(
-        pki,
-        &format!("[[listeners]]\nlisten = \"127.0.0.1:0\"\nprotocol = \"http\"\n{https_port}\n"),
-        "[[sites.routes]]\nrespond = { status = 200 }\n",
-    )
-    .await
+    OneSite::new()
+        .listener(&format!(
+            "listen = \"127.0.0.1:0\"\nprotocol = \"http\"\n{https_port}"
+        ))
+        .route("respond = { status = 200 }")
+        .start(pki)
+        .await
 }
 
 async fn plain(proxy: &Proxy, bytes: &[u8]) -> String {
@@ -660,12 +584,7 @@ async fn path_without_a_route_gets_404() {
 async fn host_no_site_serves_gets_421() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let r = Request::builder().uri("/").header("host", "other.test");
     let got = send(&proxy, h1(&pki), r).await;
     assert_eq!(got.status, 421);
@@ -680,12 +599,7 @@ async fn host_no_site_serves_gets_421() {
 async fn assert_refused(cases: &[(&str, &[u8])]) {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     // The harness counts: a well-formed request does reach the upstream.
     let (ok, _) = raw_tls(
         &proxy,
@@ -784,12 +698,7 @@ async fn conflicting_content_lengths_are_refused() {
 async fn h2_authority_and_host_that_disagree_are_refused() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     // hyper's HTTP/2 client sends a `host` header as a regular field next
     // to `:authority`, so the mismatch reaches the server as is.
     let r = Request::builder()
@@ -811,12 +720,7 @@ async fn h2_authority_and_host_that_disagree_are_refused() {
 async fn ambiguous_request_pipelined_after_a_good_one_is_refused() {
     let pki = Pki::new();
     let (up, hits, _stop) = counting_echo().await;
-    let proxy = start(
-        &pki,
-        "",
-        &format!("[[sites.routes]]\nupstream = \"http://{up}\"\n"),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     let (resp, closed) = raw_tls(
         &proxy,
         &pki,

@@ -6,8 +6,8 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,142 +23,8 @@ const RELOADS: &str = "portcullis_tls_cert_reloads_total";
 const LAST_RELOAD: &str = "portcullis_tls_cert_last_reload_success_timestamp_seconds";
 const PENDING: &str = "portcullis_tls_cert_reload_pending_error";
 const DAY: i64 = 86_400;
-
-/// One sample of the text exposition.
-#[derive(Debug, Clone)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-/// A parsed scrape, with the raw text kept for `contains` checks.
-struct Scrape {
-    text: String,
-    samples: Vec<Sample>,
-}
-
-/// Parses `name{a="b",c="d"} value` lines (label values unescaped).
-fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.is_empty() || line.starts_with('#') {
-            continue;
-        }
-        let (name, rest) = match line.find('{') {
-            Some(i) => (&line[..i], &line[i + 1..]),
-            None => {
-                let (n, v) = line
-                    .split_once(' ')
-                    .unwrap_or_else(|| panic!("bad line {line:?}"));
-                out.push(Sample {
-                    name: n.to_string(),
-                    labels: BTreeMap::new(),
-                    value: v
-                        .trim()
-                        .parse()
-                        .unwrap_or_else(|_| panic!("bad value in {line:?}")),
-                });
-                continue;
-            }
-        };
-        let mut labels = BTreeMap::new();
-        let mut chars = rest.chars();
-        loop {
-            let mut key = String::new();
-            let mut c = chars
-                .next()
-                .unwrap_or_else(|| panic!("unterminated labels in {line:?}"));
-            if c == '}' {
-                break;
-            }
-            if c == ',' {
-                c = chars.next().unwrap();
-                if c == '}' {
-                    break;
-                }
-            }
-            while c != '=' {
-                key.push(c);
-                c = chars
-                    .next()
-                    .unwrap_or_else(|| panic!("bad label in {line:?}"));
-            }
-            assert_eq!(
-                chars.next(),
-                Some('"'),
-                "label value not quoted in {line:?}"
-            );
-            let mut value = String::new();
-            loop {
-                match chars
-                    .next()
-                    .unwrap_or_else(|| panic!("unterminated value in {line:?}"))
-                {
-                    '\\' => match chars.next().unwrap() {
-                        'n' => value.push('\n'),
-                        other => value.push(other),
-                    },
-                    '"' => break,
-                    other => value.push(other),
-                }
-            }
-            labels.insert(key, value);
-        }
-        let value: String = chars.collect();
-        out.push(Sample {
-            name: name.to_string(),
-            labels,
-            value: value
-                .trim()
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        });
-    }
-    out
-}
-
-async fn scrape(proxy: &Proxy) -> Scrape {
-    let (status, text) = admin_get(proxy.admin.expect("admin listener"), "/metrics").await;
-    assert_eq!(status, 200, "{text}");
-    let samples = parse(&text);
-    Scrape { text, samples }
-}
-
-impl Scrape {
-    /// Samples of `name` whose labels include every `(k, v)` of `want`.
-    fn find(&self, name: &str, want: &[(&str, &str)]) -> Vec<&Sample> {
-        self.samples
-            .iter()
-            .filter(|s| {
-                s.name == name
-                    && want
-                        .iter()
-                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-            })
-            .collect()
-    }
-
-    /// The one sample of `name` with those labels.
-    fn one(&self, name: &str, want: &[(&str, &str)]) -> &Sample {
-        let found = self.find(name, want);
-        assert_eq!(found.len(), 1, "{name} {want:?}: {found:#?}\n{}", self.text);
-        found[0]
-    }
-
-    /// Sum of every sample of `name` with those labels.
-    fn sum(&self, name: &str, want: &[(&str, &str)]) -> f64 {
-        self.find(name, want).iter().map(|s| s.value).sum()
-    }
-
-    /// Every label value in the scrape.
-    fn label_values(&self) -> BTreeSet<&str> {
-        self.samples
-            .iter()
-            .flat_map(|s| s.labels.values().map(String::as_str))
-            .collect()
-    }
-}
+/// Upper bound for "it happened" on a loaded 2-core machine.
+const LIMIT: Duration = Duration::from_secs(10);
 
 /// Every `# TYPE` line names a family once (Prometheus rejects a scrape
 /// that repeats one).
@@ -174,27 +40,12 @@ fn assert_families_unique(text: &str) {
 }
 
 fn site(name: &str, hosts: &str, prefix: &str, default: bool) -> String {
-    format!(
-        r#"
-[[sites]]
-name = "{name}"
-hosts = [{hosts}]
-default = {default}
-tls = {{ cert = "{prefix}cert.pem", key = "{prefix}key.pem" }}
-  [[sites.routes]]
-  respond = {{ status = 200, body = "{name}\n" }}
-"#
-    )
+    respond_site(Some(name), hosts, prefix, default, &format!("{name}\n"))
 }
 
-const HEAD: &str = r#"
-[admin]
-listen = "127.0.0.1:0"
-[certificates]
-poll_interval = "1h"
-[[listeners]]
-listen = "127.0.0.1:0"
-"#;
+fn head() -> String {
+    sites_head(true, "[certificates]\npoll_interval = \"1h\"")
+}
 
 fn labels_of(s: &Sample) -> Vec<(&str, &str)> {
     s.labels
@@ -232,7 +83,8 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
     );
     fallback.write(dir.path(), "fallback-");
     let toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        head(),
         site(
             "api",
             r#""api.metrics.test", "www.metrics.test""#,
@@ -324,14 +176,15 @@ async fn metrics_export_exact_dates_of_leaf_intermediate_and_default_certificate
 async fn internal_certificate_is_exported_with_source_internal_and_no_root_series() {
     let dir = tempfile::tempdir().unwrap();
     let toml = format!(
-        r#"{HEAD}
+        r#"{}
 [[sites]]
 name = "tools"
 hosts = ["tools.internal.test"]
 tls = "internal"
   [[sites.routes]]
   respond = {{ status = 200 }}
-"#
+"#,
+        head()
     );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     let cur = certs.slot("tools").unwrap().current().unwrap();
@@ -390,7 +243,8 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
     );
     other.write(dir.path(), "other-");
     let toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        head(),
         site("swap", r#""swap.test""#, "swap-", false),
         site("other", r#""other.test""#, "other-", true)
     );
@@ -409,9 +263,12 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
     // exactly one leaf and one intermediate for the site, and they belong
     // together (never both, never none, never a mix).
     let stop = Arc::new(AtomicBool::new(false));
+    // What the scraper has done so far, for the test to await.
+    let scraped = Arc::new(AtomicUsize::new(0));
+    let seen_new = Arc::new(AtomicBool::new(false));
     let admin = proxy.admin.unwrap();
     let watcher = {
-        let stop = stop.clone();
+        let (stop, scraped, seen_new) = (stop.clone(), scraped.clone(), seen_new.clone());
         let (old_serial, new_inter) = (old.serial.clone(), "3202".to_string());
         tokio::spawn(async move {
             let mut scrapes = 0;
@@ -451,12 +308,19 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
                     saw_new |= !is_old;
                 }
                 scrapes += 1;
+                scraped.store(scrapes, Ordering::Release);
+                seen_new.store(saw_new, Ordering::Release);
             }
             (scrapes, saw_new)
         })
     };
 
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_until(
+        LIMIT,
+        "the scraper's first scrapes of the old chain",
+        || async { scraped.load(Ordering::Acquire) >= 2 },
+    )
+    .await;
     let new = pki2.leaf_with_key(
         &["swap.test"],
         &old.key_pem,
@@ -521,7 +385,9 @@ async fn replaced_certificate_series_swap_in_the_same_scrape() {
         .unwrap();
     assert_eq!(serial_of(&peer_leaf(&tls)), new.serial);
 
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Stop once the scraper has seen the new chain (or the wait runs out:
+    // the assertion below then says so).
+    eventually(LIMIT, || async { seen_new.load(Ordering::Acquire) }).await;
     stop.store(true, Ordering::Release);
     let (scrapes, saw_new) = watcher.await.unwrap();
     assert!(scrapes >= 2, "the concurrent scraper ran {scrapes} times");
@@ -544,7 +410,8 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
     );
     let (cert_path, _) = first.write(dir.path(), "reload-");
     let toml = format!(
-        "{HEAD}{}",
+        "{}{}",
+        head(),
         site("reload", r#""reload.test""#, "reload-", true)
     );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
@@ -653,23 +520,18 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
         1.0
     );
     replace_file(&cert_path, &third.chain_pem);
-    let mut cleared = false;
-    for _ in 0..200 {
-        if scrape(&proxy)
-            .await
-            .one(PENDING, &[("name", "reload")])
-            .value
-            == 0.0
-        {
-            cleared = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert!(
-        cleared,
-        "pending error gauge stayed 1 after the served file was restored"
-    );
+    wait_until(
+        LIMIT,
+        "the pending error gauge back to 0 after the served file was restored",
+        || async {
+            scrape(&proxy)
+                .await
+                .one(PENDING, &[("name", "reload")])
+                .value
+                == 0.0
+        },
+    )
+    .await;
     let m = scrape(&proxy).await;
     assert_eq!(
         m.one(RELOADS, &[("result", "success")]).value,
@@ -683,45 +545,34 @@ async fn reload_outcomes_are_counted_and_pending_error_gauge_follows_the_files()
 /// listening: 502), and a default site so any SNI completes a handshake.
 /// Also returns the two upstream addresses (config values, which may
 /// appear as labels).
-async fn traffic_proxy(pki: &Pki) -> (Proxy, [String; 2]) {
+/// The returned [`Refusing`] keeps `/dead` refusing: hold it for the test.
+async fn traffic_proxy(pki: &Pki) -> (Proxy, [String; 2], Refusing) {
     let (up, stop) = echo_upstream().await;
     std::mem::forget(stop);
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead = Refusing::new();
     let dir = tempfile::tempdir().unwrap();
     // The certificate also covers `*.traffic-probe.test`, so a client sending
     // a made-up SNI there verifies the default site's answer.
     pki.leaf(&["traffic.test", "*.traffic-probe.test"], Alg::Ecdsa)
         .write(dir.path(), "");
-    let toml = format!(
-        r#"{HEAD}
-[[sites]]
-name = "traffic"
-hosts = ["traffic.test"]
-default = true
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  path = "/ok"
-  upstream = "http://{up}"
-  [[sites.routes]]
-  path = "/dead"
-  upstream = "http://{dead}"
-  [[sites.routes]]
-  respond = {{ status = 404 }}
-"#
-    );
-    (
-        Proxy::start_in(dir, &toml).await,
-        [up.to_string(), dead.to_string()],
-    )
+    let toml = OneSite::new()
+        .admin()
+        .top("[certificates]\npoll_interval = \"1h\"")
+        .name("traffic")
+        .host("traffic.test")
+        .site("default = true")
+        .route(&format!("path = \"/ok\"\nupstream = \"http://{up}\""))
+        .route(&format!("path = \"/dead\"\nupstream = \"http://{dead}\""))
+        .route("respond = { status = 404 }")
+        .toml();
+    let upstreams = [up.to_string(), dead.to_string()];
+    (Proxy::start_in(dir, &toml).await, upstreams, dead)
 }
 
 #[tokio::test]
 async fn label_values_never_carry_client_address_path_host_or_sni() {
     let pki = Pki::new();
-    let (proxy, upstreams) = traffic_proxy(&pki).await;
+    let (proxy, upstreams, _dead) = traffic_proxy(&pki).await;
     let marker = format!("zq{}x", unix_now());
     let sni = format!("{marker}-sni.traffic-probe.test");
     let path = format!("/ok/{marker}-path?q={marker}-query");
@@ -757,7 +608,14 @@ async fn label_values_never_carry_client_address_path_host_or_sni() {
             .await
             .is_err()
     );
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The failed handshake is the last thing recorded: await it.
+    wait_until(LIMIT, "the failed handshake counted", || async {
+        scrape(&proxy)
+            .await
+            .sum("portcullis_tls_handshake_failures_total", &[])
+            >= 1.0
+    })
+    .await;
 
     let m = scrape(&proxy).await;
     assert_families_unique(&m.text);
@@ -798,7 +656,7 @@ async fn label_values_never_carry_client_address_path_host_or_sni() {
 #[tokio::test]
 async fn traffic_metrics_count_requests_latency_handshakes_and_upstream_errors() {
     let pki = Pki::new();
-    let (proxy, _) = traffic_proxy(&pki).await;
+    let (proxy, _, _dead) = traffic_proxy(&pki).await;
     let cfg = pki.client_config(&[b"http/1.1"]);
     for _ in 0..3 {
         assert_eq!(
@@ -829,8 +687,16 @@ async fn traffic_metrics_count_requests_latency_handshakes_and_upstream_errors()
     let held = tls_connect(proxy.https, "traffic.test", cfg.clone())
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let m = scrape(&proxy).await;
+    // Await the counts of everything above (the held handshake is the last
+    // one, the stranger's the failure); the exact values are asserted below.
+    let m = wait_for(LIMIT, "six handshakes and one failure counted", || async {
+        let m = scrape(&proxy).await;
+        let settled = m.sum("portcullis_tls_handshakes_total", &[]) >= 6.0
+            && m.sum("portcullis_tls_handshake_failures_total", &[]) >= 1.0
+            && m.one("portcullis_http_requests_in_flight", &[]).value == 0.0;
+        settled.then_some(m)
+    })
+    .await;
     let req = "portcullis_http_requests_total";
     assert_eq!(
         m.sum(
@@ -915,20 +781,14 @@ async fn traffic_metrics_count_requests_latency_handshakes_and_upstream_errors()
         m.text
     );
     drop(held);
-    let mut closed = false;
-    for _ in 0..100 {
-        if scrape(&proxy)
+    wait_until(LIMIT, "portcullis_connections_open back to 0", || async {
+        scrape(&proxy)
             .await
             .one("portcullis_connections_open", &[])
             .value
             == 0.0
-        {
-            closed = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(closed, "portcullis_connections_open did not return to 0");
+    })
+    .await;
     assert!(
         m.find("portcullis_process_resident_memory_bytes", &[])
             .len()
@@ -952,7 +812,11 @@ async fn certificate_replaced_while_the_proxy_starts_is_picked_up_without_the_po
         at_unix(now + 30 * DAY),
     );
     let (cert_path, _) = first.write(dir.path(), "early-");
-    let toml = format!("{HEAD}{}", site("early", r#""early.test""#, "early-", true));
+    let toml = format!(
+        "{}{}",
+        head(),
+        site("early", r#""early.test""#, "early-", true)
+    );
     let (proxy, certs) = start_with_certs(dir, &toml).await;
     let mut events = certs.subscribe();
     // Still on this task: `run` has not started its watcher yet.

@@ -4,8 +4,6 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -47,9 +45,9 @@ async fn quickstart_config_serves_https_with_the_internal_ca_over_h2_and_http11(
         "the quickstart's addresses changed; update this test"
     );
     let proxy = Proxy::start(&toml).await;
-    let ca = proxy.dir.path().join("state/internal-ca/ca.pem");
+    let ca = proxy.dir.as_path().join("state/internal-ca/ca.pem");
     assert!(ca.exists(), "the internal CA is created on first run");
-    let key = proxy.dir.path().join("state/internal-ca/ca.key");
+    let key = proxy.dir.as_path().join("state/internal-ca/ca.key");
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -93,66 +91,34 @@ async fn quickstart_config_serves_https_with_the_internal_ca_over_h2_and_http11(
     );
 }
 
-/// Kills the child on drop.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[tokio::test]
 async fn reverse_proxy_one_liner_proxies_with_an_internal_certificate() {
     let (up, _stop) = echo_upstream().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args([
-            "reverse-proxy",
-            "--from",
-            "127.0.0.1:0",
-            "--host",
-            "localhost",
-            "--admin",
-            "off",
-        ])
-        .arg("--to")
-        .arg(format!("http://{up}"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let child = Child(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if line.contains("listening") && line.contains("protocol=\"https\"") {
-                let addr = line
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("addr="))
-                    .and_then(|a| a.trim_matches('"').parse::<SocketAddr>().ok());
-                if let (Some(a), Some(tx)) = (addr, tx.take()) {
-                    let _ = tx.send(a);
-                }
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("reverse-proxy logs its address");
-    let ca = dir.path().join("state/internal-ca/ca.pem");
+    let state = dir.path().join("state");
+    let to = format!("http://{up}");
+    let proxy = BinProxy::spawn(
+        dir,
+        [
+            "reverse-proxy".as_ref(),
+            "--from".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--host".as_ref(),
+            "localhost".as_ref(),
+            "--admin".as_ref(),
+            "off".as_ref(),
+            "--to".as_ref(),
+            std::ffi::OsStr::new(&to),
+            "--state-dir".as_ref(),
+            state.as_os_str(),
+        ],
+    );
+    let addr = proxy.https;
+    let ca = state.join("internal-ca/ca.pem");
     let got = get(addr, "localhost", "/hello?x=1", client_trusting(&ca, b"h2")).await;
     assert_eq!(got.status, 200);
     let seen = got.seen();
     assert_eq!(seen[":path"], "/hello?x=1");
     assert_eq!(seen["x-forwarded-proto"], "https");
-    drop(child);
+    drop(proxy);
 }

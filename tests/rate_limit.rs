@@ -35,32 +35,28 @@ struct Rl {
 
 /// The config text around `settings` (lines of `[rate_limit]`) and `routes`.
 fn config(settings: &str, routes: &str) -> String {
+    OneSite::new()
+        .admin()
+        .top(&format!("[rate_limit]\n{settings}"))
+        .name("rl")
+        .host(HOST)
+        .routes(routes)
+        .toml()
+}
+
+/// One route answering `ok` limited to 1 request a minute with `burst`.
+fn ok_route(burst: u32) -> String {
     format!(
-        r#"
-[admin]
-listen = "127.0.0.1:0"
-
-[rate_limit]
-{settings}
-
-[[listeners]]
-listen = "127.0.0.1:0"
-
-[[sites]]
-name = "rl"
-hosts = ["{HOST}"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-{routes}
-"#
+        "[[sites.routes]]\nrespond = {{ status = 200, body = \"ok\\n\" }}\n\
+         [[sites.routes.rate_limits]]\nrate = \"1/min\"\nburst = {burst}\n"
     )
 }
 
 impl Rl {
     async fn start(settings: &str, routes: &str) -> Rl {
         let pki = Pki::new();
-        let dir = tempfile::tempdir().unwrap();
-        pki.leaf(&[HOST], Alg::Ecdsa).write(dir.path(), "");
-        let proxy = Proxy::start_in(dir, &config(settings, routes)).await;
+        let site = OneSite::new().host(HOST);
+        let proxy = Proxy::start_in(site.dir(&pki), &config(settings, routes)).await;
         Rl { proxy, pki }
     }
 
@@ -105,26 +101,22 @@ impl Rl {
     /// The value of the `limited_total` counter for a route, limit and mode
     /// (0 when the series does not exist).
     async fn limited(&self, route: &str, limit: &str, mode: &str) -> f64 {
-        let (status, text) = admin_get(self.proxy.admin.expect("admin listener"), "/metrics").await;
-        assert_eq!(status, 200);
-        let want = [
-            "site=\"rl\"".to_string(),
-            format!("route=\"{route}\""),
-            format!("limit=\"{limit}\""),
-            format!("mode=\"{mode}\""),
-        ];
-        text.lines()
-            .filter(|l| l.starts_with(&format!("{LIMITED}{{")))
-            .find(|l| want.iter().all(|w| l.contains(w.as_str())))
-            .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
-            .unwrap_or(0.0)
+        scrape(&self.proxy).await.sum(
+            LIMITED,
+            &[
+                ("site", "rl"),
+                ("route", route),
+                ("limit", limit),
+                ("mode", mode),
+            ],
+        )
     }
 
     /// Rewrites the config file and reloads it through `POST /reload`.
     async fn reload(&self, settings: &str, routes: &str) {
         self.proxy
             .write("portcullis.toml", &config(settings, routes));
-        let (status, body) = admin_post(self.proxy.admin.unwrap(), "/reload").await;
+        let (status, body) = admin_post(self.proxy.admin(), "/reload").await;
         assert_eq!(status, 200, "reload refused: {body}");
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["ok"], true, "{body}");
@@ -244,17 +236,7 @@ async fn each_route_admits_exactly_its_burst_then_429_with_retry_after_and_ratel
 
 #[tokio::test]
 async fn client_addresses_are_limited_independently() {
-    let rl = Rl::start(
-        "",
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 2
-"#,
-    )
-    .await;
+    let rl = Rl::start("", &ok_route(2)).await;
     assert_eq!(rl.statuses(3, "127.0.0.2", "/", &[]).await, [200, 200, 429]);
     // Another address has its own full burst.
     assert_eq!(rl.statuses(3, "127.0.0.3", "/", &[]).await, [200, 200, 429]);
@@ -264,17 +246,7 @@ async fn client_addresses_are_limited_independently() {
 
 #[tokio::test]
 async fn trusted_proxys_forwarded_for_names_the_client() {
-    let rl = Rl::start(
-        r#"trusted_proxies = ["127.0.0.2"]"#,
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 1
-"#,
-    )
-    .await;
+    let rl = Rl::start(r#"trusted_proxies = ["127.0.0.2"]"#, &ok_route(1)).await;
     let via = "127.0.0.2";
     let xff = |v: &'static str| [("x-forwarded-for", v)];
     // Each forwarded client has its own bucket behind the one proxy.
@@ -315,17 +287,7 @@ async fn trusted_proxys_forwarded_for_names_the_client() {
 
 #[tokio::test]
 async fn untrusted_clients_forwarded_for_is_ignored_so_spoofing_cannot_escape_the_limit() {
-    let rl = Rl::start(
-        r#"trusted_proxies = ["127.0.0.2"]"#,
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 2
-"#,
-    )
-    .await;
+    let rl = Rl::start(r#"trusted_proxies = ["127.0.0.2"]"#, &ok_route(2)).await;
     let spoofer = "127.0.0.3";
     let mut statuses = Vec::new();
     for i in 0..12 {
@@ -531,17 +493,7 @@ async fn h2_statuses(rl: &Rl, from: &str, paths: &[&str]) -> Vec<u16> {
 
 #[tokio::test]
 async fn http2_requests_count_like_http1() {
-    let rl = Rl::start(
-        "",
-        r#"
-  [[sites.routes]]
-  respond = { status = 200, body = "ok\n" }
-    [[sites.routes.rate_limits]]
-    rate = "1/min"
-    burst = 5
-"#,
-    )
-    .await;
+    let rl = Rl::start("", &ok_route(5)).await;
     let from = "127.0.0.2";
     let mut remaining = Vec::new();
     for alpn in [&b"h2"[..], b"http/1.1", b"h2"] {

@@ -82,24 +82,13 @@ async fn fixture(name: &'static str) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let good = pki.leaf(&[&host], Alg::Ecdsa);
     let (cert, key) = good.write(dir.path(), "");
-    let (proxy, certs) = start_with_certs(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "127.0.0.1:0"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-name = "{name}"
-hosts = ["{host}"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  respond = {{ status = 200, body = "ok" }}
-"#
-        ),
-    )
-    .await;
+    let toml = OneSite::new()
+        .admin()
+        .name(name)
+        .host(&host)
+        .route("respond = { status = 200, body = \"ok\" }")
+        .toml();
+    let (proxy, certs) = start_with_certs(dir, &toml).await;
     let events = certs.subscribe();
     Fixture {
         name,
@@ -115,18 +104,39 @@ tls = {{ cert = "cert.pem", key = "key.pem" }}
 }
 
 impl Fixture {
+    /// `serial` is published for this site, and the next handshake gets it.
+    async fn expect_served(&mut self, serial: &str) {
+        wait_published(&mut self.events, self.name, serial, LIMIT)
+            .await
+            .unwrap();
+        assert_eq!(
+            served_serial(self.proxy.https, &self.host, &self.pki).await,
+            serial
+        );
+    }
+
+    /// The replacement is refused with `error` and the good certificate
+    /// keeps serving; then the good pair written back is published again.
+    async fn keeps_last_good(&mut self, error: &str) {
+        self.expect_rejected(error).await;
+        self.expect_recovery().await;
+    }
+
+    /// A leaf for `names` with the good key (so only the certificate file
+    /// changes), valid from `from_days` to `to_days` days from now.
+    fn same_key_leaf(&self, names: &[&str], from_days: i64, to_days: i64) -> Leaf {
+        let now = time::OffsetDateTime::now_utc();
+        self.pki.leaf_with_key(
+            names,
+            &self.good.key_pem,
+            now + time::Duration::days(from_days),
+            now + time::Duration::days(to_days),
+        )
+    }
+
     /// This site's entry in `GET /certs`.
     async fn inventory(&self) -> serde_json::Value {
-        let (status, body) = admin_get(self.proxy.admin.unwrap(), "/certs").await;
-        assert_eq!(status, 200, "{body}");
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-        v["certificates"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["name"] == self.name)
-            .unwrap_or_else(|| panic!("{} not in {body}", self.name))
-            .clone()
+        cert_report(self.proxy.admin(), self.name).await
     }
 
     /// Waits for the rejection whose reason contains `needle`, then checks
@@ -186,13 +196,7 @@ impl Fixture {
         let next = self.pki.leaf(&[&self.host], Alg::Ecdsa);
         replace_file(&self.key, &next.key_pem);
         replace_file(&self.cert, &next.chain_pem);
-        wait_published(&mut self.events, self.name, &next.serial, LIMIT)
-            .await
-            .unwrap();
-        assert_eq!(
-            served_serial(self.proxy.https, &self.host, &self.pki).await,
-            next.serial
-        );
+        self.expect_served(&next.serial).await;
         let inv = self.inventory().await;
         assert_eq!(inv["last_result"], "ok", "{inv}");
         assert_eq!(inv["last_error"], serde_json::Value::Null, "{inv}");
@@ -210,8 +214,7 @@ async fn reload_keeps_last_good_on_truncated_pem() {
     let next = f.pki.leaf(&[&f.host], Alg::Ecdsa);
     // A third of the leaf: the END line never comes.
     replace_file(&f.cert, &next.chain_pem[..next.chain_pem.len() / 6]);
-    f.expect_rejected("damaged or truncated").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("damaged or truncated").await;
 }
 
 #[tokio::test]
@@ -219,8 +222,7 @@ async fn reload_keeps_last_good_on_truncated_key() {
     let mut f = fixture("truncatedkey").await;
     let key = f.good.key_pem.clone();
     replace_file(&f.key, &key[..key.len() / 2]);
-    f.expect_rejected("damaged or truncated").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("damaged or truncated").await;
 }
 
 #[tokio::test]
@@ -230,9 +232,8 @@ async fn reload_keeps_last_good_on_garbage() {
         &f.cert,
         "this is not a certificate\n\u{1}\u{2}\u{3} ~~~ 0xdeadbeef\n",
     );
-    f.expect_rejected("no \"-----BEGIN CERTIFICATE-----\" block found")
+    f.keeps_last_good("no \"-----BEGIN CERTIFICATE-----\" block found")
         .await;
-    f.expect_recovery().await;
 }
 
 #[tokio::test]
@@ -242,8 +243,7 @@ async fn reload_keeps_last_good_on_garbage_inside_pem_markers() {
         &f.cert,
         "-----BEGIN CERTIFICATE-----\nnot*base64*at*all!!\n-----END CERTIFICATE-----\n",
     );
-    f.expect_rejected("damaged or truncated").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("damaged or truncated").await;
 }
 
 #[tokio::test]
@@ -251,8 +251,7 @@ async fn reload_keeps_last_good_on_empty_file() {
     let mut f = fixture("empty").await;
     // In place, as `> cert.pem` does.
     std::fs::File::create(&f.cert).unwrap();
-    f.expect_rejected("the file is empty").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("the file is empty").await;
 }
 
 #[tokio::test]
@@ -260,56 +259,39 @@ async fn reload_keeps_last_good_on_key_that_does_not_match() {
     let mut f = fixture("mismatch").await;
     let other = f.pki.leaf(&[&f.host], Alg::Ecdsa);
     replace_file(&f.key, &other.key_pem);
-    f.expect_rejected("does not match the certificate").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("does not match the certificate").await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_expired_certificate() {
     let mut f = fixture("expired").await;
-    let now = time::OffsetDateTime::now_utc();
     // Same key, so only the certificate file changes.
-    let expired = f.pki.leaf_with_key(
-        &[&f.host],
-        &f.good.key_pem,
-        now - time::Duration::days(90),
-        now - time::Duration::days(1),
-    );
+    let expired = f.same_key_leaf(&[&f.host], -90, -1);
     replace_file(&f.cert, &expired.chain_pem);
-    f.expect_rejected("the certificate expired at").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("the certificate expired at").await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_certificate_not_covering_the_host() {
     let mut f = fixture("notcovering").await;
-    let now = time::OffsetDateTime::now_utc();
-    let other = f.pki.leaf_with_key(
-        &["elsewhere.test"],
-        &f.good.key_pem,
-        now - time::Duration::days(1),
-        now + time::Duration::days(30),
-    );
+    let other = f.same_key_leaf(&["elsewhere.test"], -1, 30);
     replace_file(&f.cert, &other.chain_pem);
-    f.expect_rejected("does not cover \"notcovering.test\"")
+    f.keeps_last_good("does not cover \"notcovering.test\"")
         .await;
-    f.expect_recovery().await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_deleted_file() {
     let mut f = fixture("deleted").await;
     std::fs::remove_file(&f.cert).unwrap();
-    f.expect_rejected("file not found").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("file not found").await;
 }
 
 #[tokio::test]
 async fn reload_keeps_last_good_on_deleted_key() {
     let mut f = fixture("deletedkey").await;
     std::fs::remove_file(&f.key).unwrap();
-    f.expect_rejected("file not found").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("file not found").await;
 }
 
 /// Whether this process can read a file whose mode is 000 (root, or
@@ -350,8 +332,7 @@ async fn reload_keeps_last_good_on_permission_denied() {
         std::os::unix::fs::symlink(denied, &tmp).unwrap();
         std::fs::rename(&tmp, &f.key).unwrap();
     }
-    f.expect_rejected("permission denied").await;
-    f.expect_recovery().await;
+    f.keeps_last_good("permission denied").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -398,7 +379,10 @@ async fn certificate_written_before_its_key_converges_without_a_mismatched_pair(
     f.expect_rejected("does not match the certificate").await;
     let before = handshakes.load(Ordering::Relaxed);
     assert!(
-        eventually(LIMIT, || handshakes.load(Ordering::Relaxed) > before + 5).await,
+        eventually(LIMIT, || async {
+            handshakes.load(Ordering::Relaxed) > before + 5
+        })
+        .await,
         "handshakes keep going while the key is missing"
     );
     assert_eq!(
@@ -407,13 +391,7 @@ async fn certificate_written_before_its_key_converges_without_a_mismatched_pair(
     );
 
     replace_file(&f.key, &next.key_pem);
-    wait_published(&mut f.events, f.name, &next.serial, LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        served_serial(f.proxy.https, &f.host, &f.pki).await,
-        next.serial
-    );
+    f.expect_served(&next.serial).await;
     assert_eq!(f.inventory().await["last_error"], serde_json::Value::Null);
 
     stop.cancel();
@@ -429,11 +407,5 @@ async fn key_written_before_its_certificate_converges_too() {
     replace_file(&f.key, &next.key_pem);
     f.expect_rejected("does not match the certificate").await;
     replace_file(&f.cert, &next.chain_pem);
-    wait_published(&mut f.events, f.name, &next.serial, LIMIT)
-        .await
-        .unwrap();
-    assert_eq!(
-        served_serial(f.proxy.https, &f.host, &f.pki).await,
-        next.serial
-    );
+    f.expect_served(&next.serial).await;
 }

@@ -15,17 +15,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, StatusCode};
+use http::{header, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use common::*;
@@ -52,40 +49,12 @@ async fn app_upstream(chunks: Chunks) -> (SocketAddr, CancellationToken) {
                 });
                 return Response::new(BodyExt::boxed(StreamBody::new(stream)));
             }
-            let key = req.headers().get("sec-websocket-key").cloned();
-            let Some(key) = key.filter(|_| req.uri().path().starts_with("/ws")) else {
-                return Response::new(full("up"));
-            };
-            let on_upgrade = hyper::upgrade::on(&mut req);
-            tokio::spawn(async move {
-                let Ok(upgraded) = on_upgrade.await else {
-                    return;
-                };
-                let mut ws =
-                    WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None)
-                        .await;
-                for _ in 0..10_000 {
-                    match ws.next().await {
-                        Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                            if ws.send(m).await.is_err() {
-                                return;
-                            }
-                        }
-                        Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                        Some(Ok(_)) => {}
-                    }
+            if req.uri().path().starts_with("/ws") {
+                if let Some(resp) = ws_echo(&mut req, 10_000) {
+                    return resp;
                 }
-            });
-            let mut resp = Response::new(full(""));
-            *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-            let h = resp.headers_mut();
-            h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-            h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            h.insert(
-                "sec-websocket-accept",
-                HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
-            );
-            resp
+            }
+            Response::new(full("up"))
         }
     })
     .await
@@ -162,13 +131,7 @@ fn background_traffic(
     tokio::spawn(async move {
         let mut n = 0;
         let mut failures = Vec::new();
-        let tls = tls_connect(addr, "stable.test", pki.client_config(&[b"http/1.1"]))
-            .await
-            .unwrap();
-        let (mut keep, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
+        let mut keep = h1_client(addr, "stable.test", &pki).await;
         for i in 0..1_000_000u64 {
             if stop.is_cancelled() {
                 break;
@@ -229,16 +192,10 @@ async fn websocket_and_download_survive_20_reloads_and_a_broken_one_is_refused()
     extra.write(dir.path(), "extra-");
     let (proxy, _certs) = start_with_certs(dir, &config(up, 0, "")).await;
     let admin = proxy.admin.unwrap();
-    let dirp = proxy.dir.path().to_path_buf();
+    let dirp = proxy.dir.as_path().to_path_buf();
 
     // A WebSocket on /ws (HTTP/1.1 upgrade).
-    let tls = tls_connect(
-        proxy.https,
-        "stable.test",
-        pki.client_config(&[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let tls = stable_h1(proxy.https, &pki).await;
     let (mut ws, resp) = tokio::time::timeout(
         STEP,
         tokio_tungstenite::client_async("wss://stable.test/ws", tls),
@@ -435,22 +392,13 @@ async fn get_status(addr: SocketAddr, host: &str, pki: &Pki) -> Result<u16, Stri
 /// Waits until a connection to `addr` is refused (the listener is closed
 /// once its accept loop sees the stop; there is no event to await).
 async fn refused_eventually(addr: SocketAddr) -> bool {
-    for _ in 0..500 {
-        match TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
-            _ => tokio::time::sleep(Duration::from_millis(20)).await,
-        }
-    }
-    false
-}
-
-/// A free port on 127.0.0.1 (bound then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    eventually(Duration::from_secs(10), || async {
+        matches!(
+            TcpStream::connect(addr).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -461,23 +409,40 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     pki.leaf(&["stable.test"], Alg::Ecdsa).write(dir.path(), "");
     pki.leaf(&["extra.test"], Alg::Ecdsa)
         .write(dir.path(), "extra-");
-    let redirect_port = free_port();
-    let redirect = |https_port: u16| {
-        format!("[[listeners]]\nlisten = \"127.0.0.1:{redirect_port}\"\nprotocol = \"http\"\nhttps_port = {https_port}\n")
+    // The redirect listener must be named by its port in every config: a
+    // reload matches listeners by their configured address, and one on :0
+    // is re-opened, not reconfigured in place. So its port is picked by
+    // binding :0 and releasing it; another process could take it in the
+    // gap (the residual race), and then the proxy fails to bind and the
+    // test picks another port, at most 5 times.
+    let redirect_on = |port: u16, https_port: u16| {
+        format!("[[listeners]]\nlisten = \"127.0.0.1:{port}\"\nprotocol = \"http\"\nhttps_port = {https_port}\n")
     };
-    let (proxy, _certs) = start_with_certs(dir, &config(up, 0, &redirect(8443))).await;
+    let mut attempt = 0;
+    let (proxy, redirect_port) = loop {
+        let port = common::origin::unreserved_port();
+        match Proxy::try_launch(
+            dir.path(),
+            &config(up, 0, &redirect_on(port, 8443)),
+            |_, _| async {},
+        )
+        .await
+        {
+            Ok(p) => break (p, port),
+            Err(e) if attempt < 5 => {
+                attempt += 1;
+                eprintln!("port {port} taken before the proxy bound it ({e}); another");
+            }
+            Err(e) => panic!("no free port for the redirect listener: {e}"),
+        }
+    };
+    let redirect = |https_port: u16| redirect_on(redirect_port, https_port);
     let admin = proxy.admin.unwrap();
-    let dirp = proxy.dir.path().to_path_buf();
+    let dirp = proxy.dir.clone();
     let kept = proxy.https;
 
     // A keep-alive connection opened before any reload.
-    let tls = tls_connect(kept, "stable.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut before, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut before = h1_client(kept, "stable.test", &pki).await;
     assert_eq!(ask(&mut before).await, 200);
 
     let stop = CancellationToken::new();
@@ -565,6 +530,13 @@ async fn listeners_are_added_removed_and_kept_across_reloads() {
     proxy.shutdown.cancel();
 }
 
+/// A TLS connection to the `stable` site offering HTTP/1.1.
+async fn stable_h1(addr: SocketAddr, pki: &Pki) -> tokio_rustls::client::TlsStream<TcpStream> {
+    tls_connect(addr, "stable.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap()
+}
+
 /// `GET /` on an open HTTP/1.1 connection: the status.
 async fn ask(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -> StatusCode {
     let req = req_builder(b"http/1.1", "stable.test", "/")
@@ -585,39 +557,25 @@ async fn ask(send: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>) -
 
 /// `GET /x` over plain HTTP/1.1; the `Location` of the answer.
 async fn plain_get_location(addr: SocketAddr) -> String {
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
     let req = Request::builder()
         .uri("/x")
         .header("host", "stable.test")
-        .body(Empty::<Bytes>::new())
+        .body(Full::new(Bytes::new()))
         .unwrap();
-    let resp = tokio::time::timeout(STEP, send.send_request(req))
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(resp.status(), 308);
-    resp.headers()[header::LOCATION]
-        .to_str()
-        .unwrap()
-        .to_string()
+    let got = plain_request(addr, req).await;
+    assert_eq!(got.status, 308);
+    got.headers[header::LOCATION].to_str().unwrap().to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_the_running_binary() {
     let pki = Pki::new();
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["stable.test"], Alg::Ecdsa).write(dir.path(), "");
     let site = |body: &str| {
-        format!(
-            "[admin]\nlisten = \"off\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[sites]]\nhosts = [\"stable.test\"]\n\
-             tls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n  [[sites.routes]]\n  respond = {{ status = 200, body = \"{body}\" }}\n"
-        )
+        OneSite::new()
+            .host("stable.test")
+            .route(&format!("respond = {{ status = 200, body = \"{body}\" }}"))
     };
-    let proxy = BinProxy::start_in(dir, &site("v1"));
+    let proxy = site("v1").start_bin(&pki);
     let path = proxy.dir.path().join("portcullis.toml");
     let body = |p: &BinProxy| {
         let addr = p.https;
@@ -630,46 +588,40 @@ async fn sighup_reloads_the_running_binary() {
         }
     };
     assert_eq!(body(&proxy).await, "v1");
-    let count = |p: &BinProxy, needle: &str| {
-        p.log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    };
 
     // A keep-alive connection from before the reloads.
-    let tls = tls_connect(
-        proxy.https,
-        "stable.test",
-        pki.client_config(&[b"http/1.1"]),
-    )
-    .await
-    .unwrap();
+    let tls = stable_h1(proxy.https, &pki).await;
     let (mut before, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
 
-    std::fs::write(&path, site("v2")).unwrap();
+    std::fs::write(&path, site("v2").toml()).unwrap();
     proxy.signal("HUP");
     // The log line is the event: the process says when it has reloaded.
-    assert!(
-        eventually(STEP, || count(&proxy, "configuration reloaded") == 1).await,
-        "no reload logged:\n{}",
+    proxy.wait_logged(STEP, "configuration reloaded", 1).await;
+    assert_eq!(
+        proxy.log_count("configuration reloaded"),
+        1,
+        "{}",
         proxy.log_text()
     );
     assert_eq!(body(&proxy).await, "v2");
 
     // A broken config: refused with file and line, v2 keeps serving.
-    let broken = site("v3").replace("respond = {", "respond = { bogus = 1, ");
+    let broken = site("v3")
+        .toml()
+        .replace("respond = {", "respond = { bogus = 1, ");
     let line = broken.lines().position(|l| l.contains("bogus")).unwrap() + 1;
     std::fs::write(&path, &broken).unwrap();
     proxy.signal("HUP");
-    assert!(
-        eventually(STEP, || count(&proxy, "configuration reload refused") == 1).await,
-        "no refusal logged:\n{}",
+    proxy
+        .wait_logged(STEP, "configuration reload refused", 1)
+        .await;
+    assert_eq!(
+        proxy.log_count("configuration reload refused"),
+        1,
+        "{}",
         proxy.log_text()
     );
     let refusal = proxy

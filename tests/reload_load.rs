@@ -25,6 +25,8 @@ use common::*;
 
 /// Replacements of each pattern's certificate.
 const ROUNDS: usize = 12;
+/// Bound on each client loop (they are stopped by the test long before).
+const MAX_ROUNDS: usize = 1_000_000;
 /// Bound on one request, one handshake, or one swap being announced, on a
 /// loaded 2-core machine.
 const STEP: Duration = Duration::from_secs(20);
@@ -119,6 +121,30 @@ impl Sender for hyper::client::conn::http2::SendRequest<Empty<Bytes>> {
     }
 }
 
+/// A TLS connection for `site` offering `alpn` (None, recorded as a
+/// failure, when it does not come up within [`STEP`]).
+async fn connect(
+    addr: std::net::SocketAddr,
+    site: &Site,
+    pki: &Pki,
+    alpn: &[u8],
+    stats: &Stats,
+) -> Option<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let alpn_name = String::from_utf8_lossy(alpn).into_owned();
+    match tokio::time::timeout(
+        STEP,
+        tls_connect(addr, &site.host, pki.client_config(&[alpn])),
+    )
+    .await
+    {
+        Ok(Ok(t)) => Some(t),
+        other => {
+            stats.fail(format!("{alpn_name} connect to {}: {other:?}", site.host));
+            None
+        }
+    }
+}
+
 /// One keep-alive HTTP/1.1 connection, requests back to back until `stop`.
 async fn keepalive_h1(
     addr: std::net::SocketAddr,
@@ -127,20 +153,17 @@ async fn keepalive_h1(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
-    let tls = match tokio::time::timeout(
-        STEP,
-        tls_connect(addr, &site.host, pki.client_config(&[b"http/1.1"])),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        other => return stats.fail(format!("h1 connect to {}: {other:?}", site.host)),
+    let Some(tls) = connect(addr, &site, &pki, b"http/1.1", &stats).await else {
+        return;
     };
     let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
         .await
         .unwrap();
     tokio::spawn(conn);
-    while !stop.is_cancelled() {
+    for _ in 0..MAX_ROUNDS {
+        if stop.is_cancelled() {
+            break;
+        }
         match get_ok(&mut send, b"http/1.1", &site.host).await {
             Ok(()) => stats.h1_requests.fetch_add(1, Ordering::Relaxed),
             Err(e) => return stats.fail(format!("h1 keep-alive {}: {e}", site.host)),
@@ -156,14 +179,8 @@ async fn shared_h2(
     stats: Arc<Stats>,
     stop: CancellationToken,
 ) {
-    let tls = match tokio::time::timeout(
-        STEP,
-        tls_connect(addr, &site.host, pki.client_config(&[b"h2"])),
-    )
-    .await
-    {
-        Ok(Ok(t)) => t,
-        other => return stats.fail(format!("h2 connect to {}: {other:?}", site.host)),
+    let Some(tls) = connect(addr, &site, &pki, b"h2", &stats).await else {
+        return;
     };
     assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
     let (send, conn) =
@@ -176,7 +193,10 @@ async fn shared_h2(
         let (mut send, site, stats, stop) =
             (send.clone(), site.clone(), stats.clone(), stop.clone());
         streams.push(tokio::spawn(async move {
-            while !stop.is_cancelled() {
+            for _ in 0..MAX_ROUNDS {
+                if stop.is_cancelled() {
+                    break;
+                }
                 match get_ok(&mut send, b"h2", &site.host).await {
                     Ok(()) => stats.h2_requests.fetch_add(1, Ordering::Relaxed),
                     Err(e) => return stats.fail(format!("h2 stream {}: {e}", site.host)),
@@ -205,7 +225,10 @@ async fn handshake_per_request(
         full_handshake_config(&pki, &[b"http/1.1"]),
     ];
     let mut i = first;
-    while !stop.is_cancelled() {
+    for _ in 0..MAX_ROUNDS {
+        if stop.is_cancelled() {
+            break;
+        }
         i += 1;
         let site = &sites[i % sites.len()];
         let alpn: &[u8] = if i % 2 == 0 { b"h2" } else { b"http/1.1" };
@@ -261,7 +284,10 @@ async fn resuming(
     stop: CancellationToken,
 ) {
     let cfg = pki.client_config(&[b"http/1.1"]);
-    while !stop.is_cancelled() {
+    for _ in 0..MAX_ROUNDS {
+        if stop.is_cancelled() {
+            break;
+        }
         let tls = match tokio::time::timeout(STEP, tls_connect(addr, &site.host, cfg.clone())).await
         {
             Ok(Ok(t)) => t,
@@ -391,13 +417,14 @@ async fn certificates_swap_under_load_in_every_write_pattern_with_no_failure() {
         }
     }
     // Let the clients run on the final certificates for a moment, then stop.
-    let settle = Instant::now();
     let before = stats.handshakes_checked.load(Ordering::Relaxed);
-    while stats.handshakes_checked.load(Ordering::Relaxed) < before + 50 && settle.elapsed() < STEP
-    {
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let checked = || stats.handshakes_checked.load(Ordering::Relaxed);
+    wait_until(
+        STEP,
+        "50 more checked handshakes on the final certificates",
+        || async { checked() >= before + 50 },
+    )
+    .await;
     stop.cancel();
     for c in clients {
         tokio::time::timeout(STEP * 2, c)
@@ -462,12 +489,12 @@ async fn watcher_goes_quiet_after_a_swap() {
     let dir = tempfile::tempdir().unwrap();
     let leaf = pki.leaf(&["quiet.test"], Alg::Ecdsa);
     let (cert, key) = leaf.write(dir.path(), "");
-    let (proxy, certs) = start_with_certs(
-        dir,
-        "[admin]\nlisten = \"off\"\n[[listeners]]\nlisten = \"127.0.0.1:0\"\n[[sites]]\nname = \"quiet\"\n\
-         hosts = [\"quiet.test\"]\ntls = { cert = \"cert.pem\", key = \"key.pem\" }\n  [[sites.routes]]\n  respond = { status = 200 }\n",
-    )
-    .await;
+    let toml = OneSite::new()
+        .name("quiet")
+        .host("quiet.test")
+        .route("respond = { status = 200 }")
+        .toml();
+    let (proxy, certs) = start_with_certs(dir, &toml).await;
     let mut events = certs.subscribe();
 
     // Our own watch on the same directory counts every open of the files.
@@ -486,7 +513,7 @@ async fn watcher_goes_quiet_after_a_swap() {
         })
         .unwrap()
     };
-    spy.watch(proxy.dir.path(), notify::RecursiveMode::NonRecursive)
+    spy.watch(proxy.dir.as_path(), notify::RecursiveMode::NonRecursive)
         .unwrap();
 
     let next = pki.leaf(&["quiet.test"], Alg::Ecdsa);
@@ -496,12 +523,22 @@ async fn watcher_goes_quiet_after_a_swap() {
         .await
         .unwrap();
     assert!(
-        eventually(STEP, || opens.load(Ordering::Relaxed) > 0).await,
+        eventually(STEP, || async { opens.load(Ordering::Relaxed) > 0 }).await,
         "the spy sees the watcher's reads"
     );
-    // Let the reads that led to the publish drain, then watch for a second
-    // (well over ten debounce periods): nothing may read the files again.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Await the end of the reads that led to the publish: no new open
+    // for 100 ms (ten polls in a row).
+    let (mut last, mut quiet_polls) = (opens.load(Ordering::Relaxed), 0);
+    wait_until(STEP, "the reads that led to the publish end", || {
+        let now = opens.load(Ordering::Relaxed);
+        quiet_polls = if now == last { quiet_polls + 1 } else { 0 };
+        last = now;
+        let quiet = quiet_polls >= 10;
+        async move { quiet }
+    })
+    .await;
+    // Then watch for a second (well over ten debounce periods): nothing may
+    // read the files again. This sleep is the observation window itself.
     let before = opens.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rereads = opens.load(Ordering::Relaxed) - before;

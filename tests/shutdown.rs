@@ -19,22 +19,11 @@ use common::*;
 /// Upper bound for "it happened" on a loaded 2-core machine.
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn config(up: SocketAddr, grace: &str) -> String {
-    format!(
-        r#"
-[admin]
-listen = "off"
-[timeouts]
-shutdown_grace = "{grace}"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["api.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  upstream = "http://{up}"
-"#
-    )
+/// One site proxying to `up`, with `shutdown_grace = grace`.
+fn site(up: SocketAddr, grace: &str) -> OneSite {
+    OneSite::new()
+        .top(&format!("[timeouts]\nshutdown_grace = \"{grace}\""))
+        .upstream(up)
 }
 
 /// An upstream that reports each request's arrival on a channel, then
@@ -51,18 +40,14 @@ async fn slow_upstream(
         let tx = tx.clone();
         async move {
             let _ = tx.send(());
+            // The slowness is the behaviour under test; arrival is awaited
+            // through the channel.
             tokio::time::sleep(delay).await;
             Response::new(full("slow"))
         }
     })
     .await;
     (addr, stop, rx)
-}
-
-fn dir_with_cert(pki: &Pki) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], Alg::Ecdsa).write(dir.path(), "");
-    dir
 }
 
 /// Starts one GET per ALPN and waits until the upstream holds all of them.
@@ -83,17 +68,10 @@ async fn start_in_flight(
         tasks.push((
             alpn,
             tokio::spawn(async move {
-                let resp = send(addr, "api.test", cfg, req)
+                request(addr, "api.test", cfg, req)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let status = resp.status().as_u16();
-                let body = resp
-                    .into_body()
-                    .collect()
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .to_bytes();
-                Ok((status, body))
+                    .map(|got| (got.status, got.body))
+                    .map_err(|e| e.to_string())
             }),
         ));
     }
@@ -109,22 +87,37 @@ async fn start_in_flight(
 /// Connects until the listener refuses (it closes right after shutdown
 /// starts); true if refused within `limit`.
 async fn refused_within(addr: SocketAddr, limit: Duration) -> bool {
-    let deadline = Instant::now() + limit;
-    // Bounded: at most `limit / 10ms` attempts.
-    while Instant::now() < deadline {
-        match TcpStream::connect(addr).await {
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return true,
-            _ => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-    false
+    eventually(limit, || async {
+        matches!(
+            TcpStream::connect(addr).await,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused
+        )
+    })
+    .await
+}
+
+/// Waits for the binary to exit after SIGTERM; fails unless it exits 0
+/// within [`LIMIT`].
+async fn assert_exits_0(proxy: &mut BinProxy) {
+    let exit = proxy.wait_exit(LIMIT).await.unwrap_or_else(|| {
+        panic!(
+            "portcullis still running {LIMIT:?} after SIGTERM:\n{}",
+            proxy.log_text()
+        )
+    });
+    assert_eq!(
+        exit.code(),
+        Some(0),
+        "exit status {exit:?}; stderr:\n{}",
+        proxy.log_text()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_requests_finish_after_shutdown_starts_and_new_connections_are_refused() {
     let pki = Pki::new();
     let (up, _stop, mut arrived) = slow_upstream(Duration::from_millis(1500)).await;
-    let proxy = Proxy::start_in(dir_with_cert(&pki), &config(up, "20s")).await;
+    let proxy = site(up, "20s").start(&pki).await;
     let in_flight = start_in_flight(proxy.https, &pki, &mut arrived).await;
 
     let t0 = Instant::now();
@@ -192,7 +185,7 @@ async fn idle_connection(
 async fn idle_and_handshaking_connections_do_not_delay_shutdown() {
     let pki = Pki::new();
     let (up, _stop) = echo_upstream().await;
-    let proxy = Proxy::start_in(dir_with_cert(&pki), &config(up, "20s")).await;
+    let proxy = site(up, "20s").start(&pki).await;
     // A TCP client that never starts its TLS handshake (the handshake
     // timeout is the default 10 s)...
     let _silent = TcpStream::connect(proxy.https).await.unwrap();
@@ -228,7 +221,7 @@ async fn request_outliving_shutdown_grace_is_cut_off_and_run_returns() {
     let pki = Pki::new();
     // The upstream would answer after a minute.
     let (up, _stop, mut arrived) = slow_upstream(Duration::from_secs(60)).await;
-    let proxy = Proxy::start_in(dir_with_cert(&pki), &config(up, "1s")).await;
+    let proxy = site(up, "1s").start(&pki).await;
     let in_flight = start_in_flight(proxy.https, &pki, &mut arrived).await;
 
     let t0 = Instant::now();
@@ -271,24 +264,17 @@ async fn request_outliving_shutdown_grace_is_cut_off_and_run_returns() {
 async fn sigterm_finishes_the_in_flight_request_and_the_binary_exits_0() {
     let pki = Pki::new();
     let (up, _stop, mut arrived) = slow_upstream(Duration::from_millis(1000)).await;
-    let mut proxy = BinProxy::start_in(dir_with_cert(&pki), &config(up, "20s"));
+    let mut proxy = site(up, "20s").start_bin(&pki);
 
     let req = req_builder(b"http/1.1", "api.test", "/slow")
         .body(Empty::<Bytes>::new())
         .unwrap();
     let (addr, cfg) = (proxy.https, pki.client_config(&[b"http/1.1"]));
     let client = tokio::spawn(async move {
-        let resp = send(addr, "api.test", cfg, req)
+        request(addr, "api.test", cfg, req)
             .await
-            .map_err(|e| e.to_string())?;
-        let status = resp.status().as_u16();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        Ok::<_, String>((status, body))
+            .map(|got| (got.status, got.body))
+            .map_err(|e| e.to_string())
     });
     tokio::time::timeout(LIMIT, arrived.recv())
         .await
@@ -308,25 +294,14 @@ async fn sigterm_finishes_the_in_flight_request_and_the_binary_exits_0() {
         });
     assert_eq!(status, 200);
     assert_eq!(&body[..], b"slow");
-    let exit = proxy.wait_exit(LIMIT).await.unwrap_or_else(|| {
-        panic!(
-            "portcullis still running {LIMIT:?} after SIGTERM:\n{}",
-            proxy.log_text()
-        )
-    });
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "exit status {exit:?}; stderr:\n{}",
-        proxy.log_text()
-    );
+    assert_exits_0(&mut proxy).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_on_an_idle_binary_exits_0_promptly() {
     let pki = Pki::new();
     let (up, _stop) = echo_upstream().await;
-    let mut proxy = BinProxy::start_in(dir_with_cert(&pki), &config(up, "20s"));
+    let mut proxy = site(up, "20s").start_bin(&pki);
     // An idle keep-alive connection is open while the signal arrives.
     let req = req_builder(b"http/1.1", "api.test", "/")
         .body(Empty::<Bytes>::new())
@@ -344,18 +319,7 @@ async fn sigterm_on_an_idle_binary_exits_0_promptly() {
 
     let t0 = Instant::now();
     proxy.signal("TERM");
-    let exit = proxy.wait_exit(LIMIT).await.unwrap_or_else(|| {
-        panic!(
-            "portcullis still running {LIMIT:?} after SIGTERM:\n{}",
-            proxy.log_text()
-        )
-    });
-    assert_eq!(
-        exit.code(),
-        Some(0),
-        "exit status {exit:?}; stderr:\n{}",
-        proxy.log_text()
-    );
+    assert_exits_0(&mut proxy).await;
     assert!(
         t0.elapsed() < Duration::from_secs(5),
         "exit took {:?}",

@@ -6,25 +6,7 @@ use common::*;
 async fn proxies_over_h1_and_h2_with_forwarded_headers() {
     let pki = Pki::new();
     let (up, _stop) = echo_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], Alg::Ecdsa).write(dir.path(), "");
-    let proxy = Proxy::start_in(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["api.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  upstream = "http://{up}"
-"#
-        ),
-    )
-    .await;
+    let proxy = OneSite::new().upstream(up).start(&pki).await;
     for alpn in [&b"h2"[..], &b"http/1.1"[..]] {
         let got = get(
             proxy.https,

@@ -116,24 +116,8 @@ fn leaf_key_kind(stream: &tokio_rustls::client::TlsStream<TcpStream>) -> &'stati
     }
 }
 
-const HEAD: &str = r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-"#;
-
 fn site(hosts: &str, prefix: &str, default: bool) -> String {
-    format!(
-        r#"
-[[sites]]
-hosts = [{hosts}]
-default = {default}
-tls = {{ cert = "{prefix}cert.pem", key = "{prefix}key.pem" }}
-  [[sites.routes]]
-  respond = {{ status = 200, body = "{prefix}" }}
-"#
-    )
+    respond_site(None, hosts, prefix, default, prefix)
 }
 
 /// Three sites: `a.test` (exact, ECDSA), `*.example.test` (RSA) and,
@@ -146,6 +130,16 @@ struct Sites {
     default: Option<Leaf>,
 }
 
+impl Sites {
+    /// The serial of the leaf served for `sni` to a client with `cfg`.
+    async fn served(&self, sni: &str, cfg: std::sync::Arc<rustls::ClientConfig>) -> String {
+        let tls = tls_connect(self.proxy.https, sni, cfg)
+            .await
+            .unwrap_or_else(|e| panic!("handshake for {sni}: {e}"));
+        serial_of(&peer_leaf(&tls))
+    }
+}
+
 async fn three_sites(with_default: bool) -> Sites {
     let pki = Pki::new();
     let dir = tempfile::tempdir().unwrap();
@@ -154,7 +148,8 @@ async fn three_sites(with_default: bool) -> Sites {
     let wildcard = pki.leaf(&["*.example.test"], Alg::Rsa);
     wildcard.write(dir.path(), "wild-");
     let mut toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        sites_head(false, ""),
         site(r#""a.test""#, "exact-", false),
         site(r#""*.example.test""#, "wild-", false)
     );
@@ -177,24 +172,24 @@ async fn three_sites(with_default: bool) -> Sites {
 #[tokio::test]
 async fn exact_sni_name_gets_its_own_certificate() {
     let s = three_sites(true).await;
-    let tls = tls_connect(s.proxy.https, "a.test", s.pki.client_config(&[]))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.exact.serial);
+    assert_eq!(
+        s.served("a.test", s.pki.client_config(&[])).await,
+        s.exact.serial
+    );
     // Case does not matter in SNI.
-    let tls = tls_connect(s.proxy.https, "A.Test", any_cert_client(true))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.exact.serial);
+    assert_eq!(
+        s.served("A.Test", any_cert_client(true)).await,
+        s.exact.serial
+    );
 }
 
 #[tokio::test]
 async fn wildcard_matches_exactly_one_label() {
     let s = three_sites(true).await;
-    let tls = tls_connect(s.proxy.https, "a.example.test", s.pki.client_config(&[]))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.wildcard.serial);
+    assert_eq!(
+        s.served("a.example.test", s.pki.client_config(&[])).await,
+        s.wildcard.serial
+    );
     let default = s.default.as_ref().unwrap();
     // Two labels, or none, are not covered by `*.example.test`: the default answers.
     for name in ["a.b.example.test", "example.test"] {
@@ -209,10 +204,10 @@ async fn wildcard_matches_exactly_one_label() {
 async fn default_site_certificate_serves_unknown_names_and_no_sni() {
     let s = three_sites(true).await;
     let default = s.default.as_ref().unwrap();
-    let tls = tls_connect(s.proxy.https, "unknown.test", any_cert_client(true))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), default.serial);
+    assert_eq!(
+        s.served("unknown.test", any_cert_client(true)).await,
+        default.serial
+    );
     let tls = tls_connect(s.proxy.https, "a.test", any_cert_client(false))
         .await
         .unwrap();
@@ -250,10 +245,10 @@ async fn unknown_name_without_default_site_gets_unrecognized_name_alert() {
         "no SNI: {err:?}"
     );
     // Known names still work on the same listener.
-    let tls = tls_connect(s.proxy.https, "a.test", s.pki.client_config(&[]))
-        .await
-        .unwrap();
-    assert_eq!(serial_of(&peer_leaf(&tls)), s.exact.serial);
+    assert_eq!(
+        s.served("a.test", s.pki.client_config(&[])).await,
+        s.exact.serial
+    );
 }
 
 #[tokio::test]
@@ -291,7 +286,8 @@ async fn pkcs1_rsa_and_sec1_ec_private_keys_load() {
     std::fs::write(dir.path().join("rsa-key.pem"), rsa_key).unwrap();
     std::fs::write(dir.path().join("ec-key.pem"), ec_key).unwrap();
     let toml = format!(
-        "{HEAD}{}{}",
+        "{}{}{}",
+        sites_head(false, ""),
         site(r#""rsa.test""#, "rsa-", false),
         site(r#""ec.test""#, "ec-", false)
     );

@@ -60,26 +60,28 @@ async fn count(mut body: Incoming) -> Result<u64, hyper::Error> {
     Ok(n)
 }
 
-fn config(up: std::net::SocketAddr) -> String {
-    format!(
-        r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["api.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  upstream = "http://{up}"
-"#
-    )
+fn start_binary(pki: &Pki, up: std::net::SocketAddr) -> BinProxy {
+    OneSite::new().upstream(up).start_bin(pki)
 }
 
-fn start_binary(pki: &Pki, up: std::net::SocketAddr) -> BinProxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], Alg::Ecdsa).write(dir.path(), "");
-    BinProxy::start_in(dir, &config(up))
+/// Reports one transfer and fails if the proxy's peak RSS shows the body
+/// was buffered.
+fn check_peak_rss(proxy: &BinProxy, what: &str, alpn: &[u8], started: Instant, baseline: u64) {
+    let alpn = String::from_utf8_lossy(alpn);
+    let peak = proxy.peak_rss();
+    eprintln!(
+        "{what} {alpn}: {:.1} MiB in {:.2?}; proxy peak RSS {:.1} MiB (baseline {:.1} MiB)",
+        mib(TOTAL),
+        started.elapsed(),
+        mib(peak),
+        mib(baseline)
+    );
+    assert!(
+        peak < PEAK_RSS_LIMIT,
+        "proxy peak RSS {:.1} MiB after a {alpn} {what} exceeds {:.0} MiB: the body was buffered",
+        mib(peak),
+        mib(PEAK_RSS_LIMIT)
+    );
 }
 
 fn mib(b: u64) -> f64 {
@@ -128,22 +130,7 @@ async fn upload_of_200mb_streams_through_h1_and_h2_with_bounded_proxy_memory() {
             TOTAL.to_string(),
             "upstream's byte count"
         );
-        let peak = proxy.peak_rss();
-        eprintln!(
-            "upload {}: {:.1} MiB in {:.2?}; proxy peak RSS {:.1} MiB (baseline {:.1} MiB)",
-            String::from_utf8_lossy(alpn),
-            mib(TOTAL),
-            started.elapsed(),
-            mib(peak),
-            mib(baseline)
-        );
-        assert!(
-            peak < PEAK_RSS_LIMIT,
-            "proxy peak RSS {:.1} MiB after a {} upload exceeds {:.0} MiB: the body was buffered",
-            mib(peak),
-            String::from_utf8_lossy(alpn),
-            mib(PEAK_RSS_LIMIT)
-        );
+        check_peak_rss(&proxy, "upload", alpn, started, baseline);
     }
 }
 
@@ -179,21 +166,6 @@ async fn download_of_200mb_streams_through_h1_and_h2_with_bounded_proxy_memory()
             got.unwrap_or_else(|e| panic!("download over {}: {e}", String::from_utf8_lossy(alpn)));
         assert_eq!(status, 200);
         assert_eq!(n, TOTAL, "bytes the client received");
-        let peak = proxy.peak_rss();
-        eprintln!(
-            "download {}: {:.1} MiB in {:.2?}; proxy peak RSS {:.1} MiB (baseline {:.1} MiB)",
-            String::from_utf8_lossy(alpn),
-            mib(TOTAL),
-            started.elapsed(),
-            mib(peak),
-            mib(baseline)
-        );
-        assert!(
-            peak < PEAK_RSS_LIMIT,
-            "proxy peak RSS {:.1} MiB after a {} download exceeds {:.0} MiB: the body was buffered",
-            mib(peak),
-            String::from_utf8_lossy(alpn),
-            mib(PEAK_RSS_LIMIT)
-        );
+        check_peak_rss(&proxy, "download", alpn, started, baseline);
     }
 }

@@ -1,5 +1,11 @@
 //! Every downstream timeout of `[timeouts]` ends the connection (or the
 //! request) it is meant to end, not much earlier and not much later.
+//!
+//! Real time, not `tokio::time::pause()`: the proxy runs in this runtime
+//! but speaks to the client and the upstream over real loopback sockets,
+//! and a paused clock auto-advances whenever the runtime waits on that I/O,
+//! firing the timeouts under test early. So each test configures a short
+//! timeout (about a second) and asserts bounds around it.
 
 mod common;
 
@@ -26,29 +32,13 @@ const SLACK: Duration = Duration::from_millis(200);
 /// Upper bound for "it happened" on a loaded 2-core machine.
 const LIMIT: Duration = Duration::from_secs(10);
 
-/// A config with one site proxying to `up` and the given `[timeouts]` lines.
-fn config(up: SocketAddr, timeouts: &str) -> String {
-    format!(
-        r#"
-[admin]
-listen = "off"
-[timeouts]
-{timeouts}
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["api.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  upstream = "http://{up}"
-"#
-    )
-}
-
+/// The proxy with one site proxying to `up` and the given `[timeouts]` lines.
 async fn start(pki: &Pki, up: SocketAddr, timeouts: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], Alg::Ecdsa).write(dir.path(), "");
-    Proxy::start_in(dir, &config(up, timeouts)).await
+    OneSite::new()
+        .top(&format!("[timeouts]\n{timeouts}"))
+        .upstream(up)
+        .start(pki)
+        .await
 }
 
 /// Reads until EOF or a read error (a reset counts as closed); returns the
@@ -194,7 +184,8 @@ async fn idle_keep_alive_connection_is_closed_after_idle_timeout_on_h1_and_h2() 
 #[tokio::test]
 async fn idle_timeout_does_not_cut_a_slow_response_on_h1_and_h2() {
     let pki = Pki::new();
-    // The upstream takes 2.5 idle periods to answer.
+    // The upstream takes 2.5 idle periods to answer (the slowness is the
+    // behaviour under test).
     let (up, _stop) = upstream(|_req: Request<Incoming>| async move {
         tokio::time::sleep(Duration::from_millis(2500)).await;
         Response::new(full("slow but fine"))
@@ -412,6 +403,7 @@ async fn idle_timeout_closes_an_h2_connection_whose_request_the_client_cancelled
         let arrived_tx = arrived_tx.clone();
         async move {
             let _ = arrived_tx.send(());
+            // Behaviour, not synchronisation: the answer never comes in time.
             tokio::time::sleep(Duration::from_secs(60)).await;
             Response::new(full("late"))
         }

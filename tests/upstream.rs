@@ -8,18 +8,17 @@
 //! health state kept across a reload, and config errors.
 
 mod common;
-mod upstream_harness;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::Pki;
+use common::origin::*;
+use common::*;
 use http_body_util::Full;
 use hyper::Request;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use upstream_harness::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -45,7 +44,7 @@ async fn spread(
 ) -> std::collections::HashMap<String, usize> {
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
-        let mut send = h2_client(proxy, pki).await;
+        let mut send = h2_client(proxy.https, "api.test", pki).await;
         tasks.push(tokio::spawn(async move {
             let mut got = Vec::new();
             for _ in 0..n / concurrency {
@@ -68,6 +67,22 @@ async fn spread(
 // ---------------------------------------------------------------------------
 // Balancing
 
+/// Waits until every backend has had more than 20 requests.
+async fn traffic_on(backends: &[&Backend]) {
+    wait_until(WAIT, "traffic on every upstream", || async {
+        backends.iter().all(|b| b.hits() > 20)
+    })
+    .await;
+}
+
+/// Waits until `portcullis_upstream_healthy` of `label` on route `/` is `value`.
+async fn await_health(proxy: &Proxy, label: &str, value: f64, what: &str) {
+    wait_until(WAIT, what, || async {
+        healthy(proxy, "/", label).await == Some(value)
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn weighted_round_robin_shares_follow_the_weights() {
     let pki = Pki::new();
@@ -80,7 +95,7 @@ async fn weighted_round_robin_shares_follow_the_weights() {
         b.addr,
         url(&c)
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let n = 1200;
     let count = spread(&proxy, &pki, n, 6).await;
     for (name, weight) in [("a", 3.0), ("b", 2.0), ("c", 1.0)] {
@@ -104,8 +119,8 @@ async fn least_requests_and_p2c_send_to_the_idle_upstream() {
             "[[sites.routes]]\nupstreams = [{}]\nlb = \"{lb}\"\n",
             list(&[&a, &b])
         );
-        let proxy = proxy(&pki, "", &routes, &[]).await;
-        let mut send = h2_client(&proxy, &pki).await;
+        let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
+        let mut send = h2_client(proxy.https, "api.test", &pki).await;
         // One slow request occupies one upstream.
         let mut held_send = send.clone();
         let held = tokio::spawn(async move { h2_get(&mut held_send, "/hold", &[]).await });
@@ -140,8 +155,12 @@ async fn hash_header_is_sticky_and_a_removed_upstream_moves_only_its_keys() {
     let c = Backend::start("c", Mode::H1).await;
     let route =
         |ups: &str| format!("[[sites.routes]]\nupstreams = [{ups}]\nlb = \"hash_header:x-user\"\n");
-    let proxy = proxy(&pki, "", &route(&list(&[&a, &b, &c])), &[]).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&route(&list(&[&a, &b, &c])))
+        .start(&pki)
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     let mut owner = Vec::new();
     for u in 0..40 {
         let user = format!("user-{u}");
@@ -158,8 +177,15 @@ async fn hash_header_is_sticky_and_a_removed_upstream_moves_only_its_keys() {
     assert_eq!(used.len(), 3, "40 users all hashed to {used:?}");
 
     // Remove c: its users move, nobody else does.
-    reload(&proxy, "", &route(&list(&[&a, &b]))).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    proxy
+        .reload(
+            &OneSite::new()
+                .admin()
+                .routes(&route(&list(&[&a, &b])))
+                .toml(),
+        )
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     for (u, before) in owner.iter().enumerate() {
         let (_, now) = h2_get(&mut send, "/", &[("x-user", &format!("user-{u}"))])
             .await
@@ -182,7 +208,7 @@ async fn hash_ip_keeps_each_client_address_on_one_upstream() {
         "[[sites.routes]]\nupstreams = [{}]\nlb = \"hash_ip\"\n",
         list(&[&a, &b, &c])
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let cfg = pki.client_config(&[b"http/1.1"]);
     let mut used = std::collections::HashSet::new();
     for last in 2..26u8 {
@@ -228,7 +254,7 @@ impl Load {
         let bad = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut handles = Vec::new();
         for _ in 0..tasks {
-            let mut send = h2_client(proxy, pki).await;
+            let mut send = h2_client(proxy.https, "api.test", pki).await;
             let (stop, ok, bad) = (stop.clone(), ok.clone(), bad.clone());
             handles.push(tokio::spawn(async move {
                 while !stop.load(Ordering::Relaxed) {
@@ -250,6 +276,18 @@ impl Load {
     }
 
     /// Stops the load; returns (answered 200, everything else).
+    /// Stops the load; fails the test if any request failed.
+    async fn finish_with_no_failure(self) {
+        let (ok, bad) = self.finish().await;
+        assert!(
+            bad.is_empty(),
+            "{} of {} requests failed, e.g. {:?}",
+            bad.len(),
+            ok + bad.len(),
+            &bad[..bad.len().min(5)]
+        );
+    }
+
     async fn finish(self) -> (usize, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
         for t in self.tasks {
@@ -272,20 +310,14 @@ async fn killed_upstream_under_load_loses_no_request_and_is_taken_out_by_passive
         "[[sites.routes]]\nupstreams = [{}]\n[sites.routes.passive_health]\nfailures = 2\nwindow = \"10s\"\ncooldown = \"500ms\"\n",
         list(&[&a, &b, &c])
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let label = b.label();
     assert_eq!(healthy(&proxy, "/", &label).await, Some(1.0));
     let load = Load::start(&proxy, &pki, 6).await;
-    wait_until(WAIT, "traffic on every upstream", || async {
-        a.hits() > 20 && b.hits() > 20 && c.hits() > 20
-    })
-    .await;
+    traffic_on(&[&a, &b, &c]).await;
 
     b.kill();
-    wait_until(WAIT, "b marked down by the passive check", || async {
-        healthy(&proxy, "/", &label).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &label, 0.0, "b marked down by the passive check").await;
     // a and c carry on.
     let (a0, c0) = (a.hits(), c.hits());
     wait_until(WAIT, "traffic on a and c", || async {
@@ -300,25 +332,28 @@ async fn killed_upstream_under_load_loses_no_request_and_is_taken_out_by_passive
     })
     .await;
 
-    let (ok, bad) = load.finish().await;
-    assert!(
-        bad.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        bad.len(),
-        ok + bad.len(),
-        &bad[..bad.len().min(5)]
-    );
-    let retries = metric(&proxy, "portcullis_upstream_retries_total").await;
-    let b_retries = retries[&format!("site=\"api.test\",route=\"/\",upstream=\"{label}\"")];
+    load.finish_with_no_failure().await;
+    let m = scrape(&proxy).await;
+    let on_b = [
+        ("site", "api.test"),
+        ("route", "/"),
+        ("upstream", label.as_str()),
+    ];
+    let b_retries = m
+        .exact("portcullis_upstream_retries_total", &on_b)
+        .expect("a retries series for b");
     assert!(
         b_retries >= 1.0,
-        "requests that failed on b were retried: {retries:?}"
+        "requests that failed on b were retried:\n{}",
+        m.text
     );
-    let errors = metric(&proxy, "portcullis_upstream_requests_total").await;
-    assert!(
-        errors[&format!("site=\"api.test\",route=\"/\",upstream=\"{label}\",status=\"error\"")]
-            >= 1.0
-    );
+    let errors = m
+        .exact(
+            "portcullis_upstream_requests_total",
+            &[on_b[0], on_b[1], on_b[2], ("status", "error")],
+        )
+        .expect("an error series for b");
+    assert!(errors >= 1.0);
 }
 
 #[tokio::test]
@@ -333,7 +368,7 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
          [sites.routes.health_check]\npath = \"/health\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n",
         list(&[&a, &b, &c])
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let label = b.label();
     wait_until(WAIT, "health checks on every upstream", || async {
         [&a, &b, &c]
@@ -342,18 +377,12 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
     })
     .await;
     let load = Load::start(&proxy, &pki, 6).await;
-    wait_until(WAIT, "traffic on every upstream", || async {
-        a.hits() > 20 && b.hits() > 20 && c.hits() > 20
-    })
-    .await;
+    traffic_on(&[&a, &b, &c]).await;
 
     // Killed: the active checks take it out (passive checks are off, so
     // until then requests that hit it are retried on the others).
     b.kill();
-    wait_until(WAIT, "b marked down by the active check", || async {
-        healthy(&proxy, "/", &label).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &label, 0.0, "b marked down by the active check").await;
     let b_out = b.hits();
     let (a0, c0) = (a.hits(), c.hits());
     wait_until(WAIT, "traffic on a and c", || async {
@@ -373,10 +402,7 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
     // A live upstream whose health endpoint fails is taken out too.
     c.set_healthy(false);
     let c_label = c.label();
-    wait_until(WAIT, "c marked down", || async {
-        healthy(&proxy, "/", &c_label).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &c_label, 0.0, "c marked down").await;
     let c_out = c.hits();
     let a1 = a.hits();
     wait_until(WAIT, "traffic on a", || async { a.hits() > a1 + 50 }).await;
@@ -387,14 +413,7 @@ async fn killed_upstream_is_taken_out_by_active_checks_and_brought_back() {
     })
     .await;
 
-    let (ok, bad) = load.finish().await;
-    assert!(
-        bad.is_empty(),
-        "{} of {} requests failed, e.g. {:?}",
-        bad.len(),
-        ok + bad.len(),
-        &bad[..bad.len().min(5)]
-    );
+    load.finish_with_no_failure().await;
 }
 
 // ---------------------------------------------------------------------------
@@ -411,7 +430,7 @@ async fn all_upstreams_down_by_active_checks_gives_503_with_retry_after_at_once(
     );
     a.set_healthy(false);
     b.set_healthy(false);
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     for x in [&a, &b] {
         let l = x.label();
         wait_until(WAIT, "marked down", || async {
@@ -447,17 +466,14 @@ async fn all_upstreams_down_by_active_checks_gives_503_with_retry_after_at_once(
 #[tokio::test]
 async fn all_upstreams_down_by_passive_checks_gives_503_with_retry_after_at_once() {
     let pki = Pki::new();
-    let closed = |_| {
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-    };
-    let (x, y): (std::net::SocketAddr, std::net::SocketAddr) = (closed(0), closed(1));
+    // Two addresses that refuse connections for the whole test (held, so
+    // no other process can start listening there).
+    let (hold_x, hold_y) = (Refusing::new(), Refusing::new());
+    let (x, y) = (hold_x.addr, hold_y.addr);
     let routes = format!(
         "[[sites.routes]]\nupstreams = [\"http://{x}\", \"http://{y}\"]\n[sites.routes.passive_health]\nfailures = 1\ncooldown = \"30s\"\n"
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let cfg = pki.client_config(&[b"http/1.1"]);
     // Both refuse: the first request tries both (a retry), then fails.
     let got = common::get(proxy.https, "api.test", "/", cfg.clone()).await;
@@ -524,6 +540,8 @@ async fn black_hole(delay: Duration) -> (std::net::SocketAddr, Arc<AtomicUsize>,
                 }
                 r.fetch_add(1, Ordering::SeqCst);
                 bb.fetch_add(buf.len() - head_end, Ordering::SeqCst);
+                // The delay is the behaviour under test (an upstream that
+                // goes quiet, then hangs up), not a synchronisation.
                 tokio::time::sleep(delay).await;
                 let _ = tcp.shutdown().await;
             });
@@ -539,7 +557,7 @@ async fn send_with_body(
     method: &str,
     body: &'static str,
 ) -> (u16, String) {
-    let mut send = h2_client(proxy, pki).await;
+    let mut send = h2_client(proxy.https, "api.test", pki).await;
     let req = Request::builder()
         .method(method)
         .uri("https://api.test/submit")
@@ -549,17 +567,23 @@ async fn send_with_body(
     send_req(&mut send, req).await.unwrap()
 }
 
+/// A route whose first pick (weight) is `first`, then `good`; passive
+/// checks never take `first` out.
+fn first_then_good(first: impl std::fmt::Display, good: &Backend) -> String {
+    format!(
+        "[[sites.routes]]\nupstreams = [{{ url = \"http://{first}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
+        url(good)
+    )
+}
+
 #[tokio::test]
 async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
     let pki = Pki::new();
     let (hole, requests, body_bytes) = black_hole(Duration::ZERO).await;
     let good = Backend::start("good", Mode::H1).await;
     // The black hole is picked first (weight), and stays in service.
-    let routes = format!(
-        "[[sites.routes]]\nupstreams = [{{ url = \"http://{hole}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
-        url(&good)
-    );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let routes = first_then_good(hole, &good);
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let body = "x=1&y=2&amount=100";
 
     let (status, text) = send_with_body(&proxy, &pki, "POST", body).await;
@@ -578,7 +602,7 @@ async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
     assert_eq!(good.hits(), 0);
 
     // A GET that was reset before any response is retried elsewhere.
-    let mut send = h2_client(&proxy, &pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     let (status, who) = h2_get(&mut send, "/", &[]).await.unwrap();
     assert_eq!((status, who.as_str()), (200, "good"));
     assert_eq!(requests.load(Ordering::SeqCst), 3);
@@ -588,16 +612,10 @@ async fn a_request_whose_body_was_sent_is_not_retried_but_a_bodyless_get_is() {
 #[tokio::test]
 async fn any_method_is_retried_when_nothing_was_sent() {
     let pki = Pki::new();
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = Refusing::new();
     let good = Backend::start("good", Mode::H1).await;
-    let routes = format!(
-        "[[sites.routes]]\nupstreams = [{{ url = \"http://{refused}\", weight = 1000 }}, {}]\n[sites.routes.passive_health]\nfailures = 0\n",
-        url(&good)
-    );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let routes = first_then_good(refused, &good);
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     let body = "payload";
     let (status, who) = send_with_body(&proxy, &pki, "POST", body).await;
     assert_eq!((status, who.as_str()), (200, "good"));
@@ -611,10 +629,7 @@ async fn any_method_is_retried_when_nothing_was_sent() {
 #[tokio::test]
 async fn retries_stop_at_the_count_and_the_budget() {
     let pki = Pki::new();
-    let refused = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let refused = Refusing::new();
     let (slow_hole, _, _) = black_hole(Duration::from_millis(100)).await;
     let good = Backend::start("good", Mode::H1).await;
     let routes = format!(
@@ -626,8 +641,8 @@ async fn retries_stop_at_the_count_and_the_budget() {
          [sites.routes.passive_health]\nfailures = 0\n",
         good = url(&good)
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     assert_eq!(
         h2_get(&mut send, "/none", &[]).await.unwrap().0,
         502,
@@ -657,33 +672,45 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
         )
     };
     b.set_healthy(false);
-    let proxy = proxy(&pki, "", &route(&list(&[&a, &b]), 1), &[]).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&route(&list(&[&a, &b]), 1))
+        .start(&pki)
+        .await;
     let (la, lb, lc) = (a.label(), b.label(), c.label());
-    wait_until(WAIT, "b down", || async {
-        healthy(&proxy, "/", &lb).await == Some(0.0)
-    })
-    .await;
+    await_health(&proxy, &lb, 0.0, "b down").await;
 
     // The group changes (retries, and a new upstream): b stays out at once
     // (a fresh state would start in service), c starts in service.
-    reload(&proxy, "", &route(&list(&[&a, &b, &c]), 2)).await;
+    proxy
+        .reload(
+            &OneSite::new()
+                .admin()
+                .routes(&route(&list(&[&a, &b, &c]), 2))
+                .toml(),
+        )
+        .await;
     assert_eq!(healthy(&proxy, "/", &lb).await, Some(0.0));
     assert_eq!(healthy(&proxy, "/", &la).await, Some(1.0));
     assert_eq!(healthy(&proxy, "/", &lc).await, Some(1.0));
-    let mut send = h2_client(&proxy, &pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     for _ in 0..30 {
         assert_eq!(h2_get(&mut send, "/", &[]).await.unwrap().0, 200);
     }
     assert_eq!(b.hits(), 0);
     // The restarted check task still watches b.
     b.set_healthy(true);
-    wait_until(WAIT, "b back", || async {
-        healthy(&proxy, "/", &lb).await == Some(1.0)
-    })
-    .await;
+    await_health(&proxy, &lb, 1.0, "b back").await;
 
     // A removed upstream's series disappear.
-    reload(&proxy, "", &route(&list(&[&a, &c]), 2)).await;
+    proxy
+        .reload(
+            &OneSite::new()
+                .admin()
+                .routes(&route(&list(&[&a, &c]), 2))
+                .toml(),
+        )
+        .await;
     assert_eq!(healthy(&proxy, "/", &lb).await, None);
 }
 
@@ -691,7 +718,7 @@ async fn reload_keeps_the_health_of_upstreams_that_remain() {
 // Config errors
 
 fn config_errors(routes: &str) -> String {
-    let text = config_text("", routes);
+    let text = OneSite::new().admin().routes(routes).toml();
     let path = std::path::Path::new("/etc/portcullis/portcullis.toml");
     match portcullis::config::Config::parse(path, &text) {
         Ok(_) => panic!("accepted:\n{text}"),
@@ -740,50 +767,39 @@ async fn each_health_change_is_logged_once() {
     let pki = Pki::new();
     let a = Backend::start("a", Mode::H1).await;
     let mut b = Backend::start("b", Mode::H1).await;
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["api.test"], common::Alg::Ecdsa)
-        .write(dir.path(), "");
     let routes = format!(
         "[[sites.routes]]\nupstreams = [{}]\n[sites.routes.health_check]\npath = \"/health\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 2\nunhealthy_threshold = 2\n",
         list(&[&a, &b])
     );
-    let proxy = common::BinProxy::start_in(
-        dir,
-        &config_text("", &routes).replace("127.0.0.1:0\"\n[[listeners]]", "off\"\n[[listeners]]"),
-    );
+    let proxy = OneSite::new().routes(&routes).start_bin(&pki);
     let upstream = format!("upstream={}", b.label());
-    let count = |what: &str| {
-        proxy
-            .log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(what) && l.contains(&upstream))
-            .count()
-    };
-    let checks_on_a = || a.shared.health_hits.load(Ordering::SeqCst);
-
     b.kill();
-    wait_until(WAIT, "b logged out of service", || async {
-        count("out of service (active check)") == 1
-    })
-    .await;
-    // Many more checks fail on b; nothing more is logged.
-    let seen = checks_on_a();
-    wait_until(WAIT, "ten more check rounds", || async {
-        checks_on_a() >= seen + 10
-    })
-    .await;
-    assert_eq!(
-        count("out of service (active check)"),
-        1,
-        "{}",
-        proxy.log_text()
-    );
-
+    logged_once(&proxy, &upstream, "out of service (active check)", &a).await;
     b.revive().await;
-    wait_until(WAIT, "b logged back in service", || async {
-        count("back in service (active check)") == 1
+    logged_once(&proxy, &upstream, "back in service (active check)", &a).await;
+    assert_eq!(
+        log_count(&proxy, &upstream, "out of service (active check)"),
+        1
+    );
+}
+
+/// Log lines about `upstream` containing `what`.
+fn log_count(proxy: &BinProxy, upstream: &str, what: &str) -> usize {
+    proxy
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| l.contains(what) && l.contains(upstream))
+        .count()
+}
+
+/// `what` is logged about `upstream` once when it happens, then not again
+/// over ten more health-check rounds (counted on `a`).
+async fn logged_once(proxy: &BinProxy, upstream: &str, what: &str, a: &Backend) {
+    let checks_on_a = || a.shared.health_hits.load(Ordering::SeqCst);
+    wait_until(WAIT, what, || async {
+        log_count(proxy, upstream, what) == 1
     })
     .await;
     let seen = checks_on_a();
@@ -791,11 +807,5 @@ async fn each_health_change_is_logged_once() {
         checks_on_a() >= seen + 10
     })
     .await;
-    assert_eq!(
-        count("back in service (active check)"),
-        1,
-        "{}",
-        proxy.log_text()
-    );
-    assert_eq!(count("out of service (active check)"), 1);
+    assert_eq!(log_count(proxy, upstream, what), 1, "{}", proxy.log_text());
 }

@@ -25,7 +25,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
 use tokio::time::timeout;
 
-use common::{Alg, Pki, Proxy};
+use common::{OneSite, Pki, Proxy};
 
 /// Upper bound for "it happened" on a loaded machine.
 const WAIT: Duration = Duration::from_secs(10);
@@ -261,17 +261,12 @@ async fn write_big(tcp: &mut TcpStream, head: &[u8]) -> bool {
 /// Starts the proxy with one site routing everything to `up`, with the
 /// given `[timeouts]` and `[limits]` lines.
 async fn start_proxy(pki: &Pki, up: SocketAddr, timeouts: &str, limits: &str) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&[HOST], Alg::Ecdsa).write(dir.path(), "");
-    let toml = format!(
-        "[admin]\nlisten = \"off\"\n\
-         [timeouts]\n{timeouts}\n\
-         [limits]\n{limits}\n\
-         [[listeners]]\nlisten = \"127.0.0.1:0\"\n\
-         [[sites]]\nhosts = [\"{HOST}\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n\
-         [[sites.routes]]\nupstream = \"http://{up}\"\n"
-    );
-    Proxy::start_in(dir, &toml).await
+    OneSite::new()
+        .host(HOST)
+        .top(&format!("[timeouts]\n{timeouts}\n[limits]\n{limits}"))
+        .upstream(up)
+        .start(pki)
+        .await
 }
 
 /// An HTTP/1.1 keep-alive connection to the proxy, and its connection task
@@ -544,16 +539,13 @@ async fn only_max_idle_connections_stay_pooled_after_a_burst() {
 async fn health_checks_reach_the_upstream_in_origin_form() {
     let pki = Pki::new();
     let (up, ev) = start_upstream(Style::KeepAlive).await;
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&[HOST], Alg::Ecdsa).write(dir.path(), "");
-    let toml = format!(
-        "[admin]\nlisten = \"off\"\n\
-         [[listeners]]\nlisten = \"127.0.0.1:0\"\n\
-         [[sites]]\nhosts = [\"{HOST}\"]\ntls = {{ cert = \"cert.pem\", key = \"key.pem\" }}\n\
-         [[sites.routes]]\nupstream = \"http://{up}\"\n\
-         [sites.routes.health_check]\npath = \"/small\"\ninterval = \"100ms\"\n"
-    );
-    let _proxy = Proxy::start_in(dir, &toml).await;
+    let _proxy = OneSite::new()
+        .host(HOST)
+        .route(&format!(
+            "upstream = \"http://{up}\"\n[sites.routes.health_check]\npath = \"/small\"\ninterval = \"100ms\""
+        ))
+        .start(&pki)
+        .await;
     ev.expect("a health check reaches the upstream", |e| {
         e.accepted() > 0 && !e.paths(0).is_empty()
     })

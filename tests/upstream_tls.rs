@@ -6,12 +6,11 @@
 //! client's host as `:authority`.
 
 mod common;
-mod upstream_harness;
 
 use std::time::Duration;
 
-use common::Pki;
-use upstream_harness::*;
+use common::origin::*;
+use common::*;
 
 const WAIT: Duration = Duration::from_secs(15);
 const HEALTH_CHECK: &str = "[sites.routes.health_check]\npath = \"/health\"\ninterval = \"50ms\"\ntimeout = \"50ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n";
@@ -19,11 +18,11 @@ const HEALTH_CHECK: &str = "[sites.routes.health_check]\npath = \"/health\"\nint
 #[tokio::test]
 async fn https_upstream_is_verified_against_the_configured_ca_with_sni() {
     let pki = Pki::new();
-    let ca = Ca::new("upstream test CA");
+    let ca = Pki::new(); // upstream test CA
     let named = Backend::start(
         "named",
         Mode::Tls(backend_tls(
-            &ca.server(&["backend.test"]),
+            &ca.server_cert(&["backend.test"]),
             &[b"http/1.1"],
             None,
         )),
@@ -32,7 +31,7 @@ async fn https_upstream_is_verified_against_the_configured_ca_with_sni() {
     let by_ip = Backend::start(
         "by-ip",
         Mode::Tls(backend_tls(
-            &ca.server(&["127.0.0.1"]),
+            &ca.server_cert(&["127.0.0.1"]),
             &[b"http/1.1"],
             None,
         )),
@@ -46,8 +45,13 @@ async fn https_upstream_is_verified_against_the_configured_ca_with_sni() {
         named = named.addr,
         ip = by_ip.addr,
     );
-    let proxy = proxy(&pki, "", &routes, &[("upstream-ca.pem", &ca.pem)]).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&routes)
+        .file("upstream-ca.pem", &ca.root_pem)
+        .start(&pki)
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
 
     assert_eq!(
         h2_get(&mut send, "/named", &[]).await.unwrap(),
@@ -79,13 +83,13 @@ async fn https_upstream_is_verified_against_the_configured_ca_with_sni() {
 #[tokio::test]
 async fn mtls_upstream_gets_the_configured_client_certificate() {
     let pki = Pki::new();
-    let ca = Ca::new("upstream test CA");
-    let clients = Ca::new("upstream client CA");
-    let client = clients.client("portcullis-proxy");
+    let ca = Pki::new(); // upstream test CA
+    let clients = Pki::new(); // upstream client CA
+    let client = clients.client_cert("portcullis-proxy");
     let backend = Backend::start(
         "mtls",
         Mode::Tls(backend_tls(
-            &ca.server(&["backend.test"]),
+            &ca.server_cert(&["backend.test"]),
             &[b"http/1.1"],
             Some(&clients),
         )),
@@ -101,18 +105,15 @@ async fn mtls_upstream_gets_the_configured_client_certificate() {
         a = backend.addr,
         check = HEALTH_CHECK,
     );
-    let proxy = proxy(
-        &pki,
-        "",
-        &routes,
-        &[
-            ("ca.pem", &ca.pem),
-            ("client.pem", &client.cert_pem),
-            ("client.key", &client.key_pem),
-        ],
-    )
-    .await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&routes)
+        .file("ca.pem", &ca.root_pem)
+        .file("client.pem", &client.cert_pem)
+        .file("client.key", &client.key_pem)
+        .start(&pki)
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     assert_eq!(
         h2_get(&mut send, "/with-cert", &[]).await.unwrap(),
         (200, "mtls".into())
@@ -147,17 +148,17 @@ async fn mtls_upstream_gets_the_configured_client_certificate() {
 
 #[test]
 fn client_key_that_does_not_match_its_certificate_is_refused_at_load() {
-    let ca = Ca::new("upstream test CA");
-    let one = ca.client("one");
-    let two = ca.client("two");
+    let ca = Pki::new(); // upstream test CA
+    let one = ca.client_cert("one");
+    let two = ca.client_cert("two");
     let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &ca.root_pem).unwrap();
     std::fs::write(dir.path().join("client.pem"), &one.cert_pem).unwrap();
     std::fs::write(dir.path().join("client.key"), &two.key_pem).unwrap();
-    let text = config_text(
-        "",
+    let text = OneSite::new().admin().routes(
         "[[sites.routes]]\nupstream = \"https://127.0.0.1:1\"\nca = \"ca.pem\"\nclient_cert = \"client.pem\"\nclient_key = \"client.key\"\n",
-    );
+    )
+    .toml();
     let path = dir.path().join("portcullis.toml");
     let err = portcullis::config::Config::parse(&path, &text)
         .unwrap_err()
@@ -178,7 +179,7 @@ async fn h2c_upstream_gets_http2_with_the_client_host_as_authority() {
          [[sites.routes]]\npath = \"/own\"\nupstream = \"http://{a}\"\nprotocol = \"h2c\"\npreserve_host = false\n",
         a = backend.addr
     );
-    let proxy = proxy(&pki, "", &routes, &[]).await;
+    let proxy = OneSite::new().admin().routes(&routes).start(&pki).await;
     // Over h1 and h2 downstream.
     let got = common::get(
         proxy.https,
@@ -188,7 +189,7 @@ async fn h2c_upstream_gets_http2_with_the_client_host_as_authority() {
     )
     .await;
     assert_eq!((got.status, &got.body[..]), (200, &b"h2c"[..]));
-    let mut send = h2_client(&proxy, &pki).await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     assert_eq!(
         h2_get(&mut send, "/own", &[]).await.unwrap(),
         (200, "h2c".into())
@@ -205,8 +206,8 @@ async fn h2c_upstream_gets_http2_with_the_client_host_as_authority() {
 #[tokio::test]
 async fn h2_over_tls_is_agreed_with_alpn() {
     let pki = Pki::new();
-    let ca = Ca::new("upstream test CA");
-    let cert = ca.server(&["backend.test"]);
+    let ca = Pki::new(); // upstream test CA
+    let cert = ca.server_cert(&["backend.test"]);
     let both = Backend::start(
         "both",
         Mode::Tls(backend_tls(&cert, &[b"h2", b"http/1.1"], None)),
@@ -228,8 +229,13 @@ async fn h2_over_tls_is_agreed_with_alpn() {
         h1 = h1_only.addr,
         check = HEALTH_CHECK,
     );
-    let proxy = proxy(&pki, "", &routes, &[("ca.pem", &ca.pem)]).await;
-    let mut send = h2_client(&proxy, &pki).await;
+    let proxy = OneSite::new()
+        .admin()
+        .routes(&routes)
+        .file("ca.pem", &ca.root_pem)
+        .start(&pki)
+        .await;
+    let mut send = h2_client(proxy.https, "api.test", &pki).await;
     for _ in 0..3 {
         assert_eq!(
             h2_get(&mut send, "/h2", &[]).await.unwrap(),

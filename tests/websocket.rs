@@ -6,14 +6,10 @@ mod common;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use http::{header, HeaderValue, StatusCode};
+use http::StatusCode;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
 
 use common::*;
 
@@ -23,74 +19,57 @@ const STEP: Duration = Duration::from_secs(10);
 /// An upstream that accepts WebSocket upgrades and echoes every data
 /// message, and answers plain requests with `plain`.
 async fn ws_echo_upstream() -> (std::net::SocketAddr, tokio_util::sync::CancellationToken) {
+    // Bounded: the client sends a handful of messages then closes.
     upstream(|mut req: Request<Incoming>| async move {
-        let is_ws = req
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-        let Some(key) = req
-            .headers()
-            .get("sec-websocket-key")
-            .filter(|_| is_ws)
-            .cloned()
-        else {
-            return Response::new(full("plain"));
-        };
-        let on_upgrade = hyper::upgrade::on(&mut req);
-        tokio::spawn(async move {
-            let Ok(upgraded) = on_upgrade.await else {
-                return;
-            };
-            let mut ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
-            // Bounded: the client sends a handful of messages then closes.
-            for _ in 0..1000 {
-                match ws.next().await {
-                    Some(Ok(m @ (Message::Text(_) | Message::Binary(_)))) => {
-                        if ws.send(m).await.is_err() {
-                            return;
-                        }
-                    }
-                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
-                    Some(Ok(_)) => {}
-                }
-            }
-        });
-        let mut resp = Response::new(full(""));
-        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-        let h = resp.headers_mut();
-        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert(
-            "sec-websocket-accept",
-            HeaderValue::from_str(&derive_accept_key(key.as_bytes())).unwrap(),
-        );
-        resp
+        ws_echo(&mut req, 1000).unwrap_or_else(|| Response::new(full("plain")))
     })
     .await
 }
 
 async fn start(pki: &Pki, up: std::net::SocketAddr) -> Proxy {
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["ws.test"], Alg::Ecdsa).write(dir.path(), "");
-    Proxy::start_in(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "off"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["ws.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  path = "/ws"
-  upstream = "http://{up}"
-"#
-        ),
+    OneSite::new()
+        .host("ws.test")
+        .route(&format!("path = \"/ws\"\nupstream = \"http://{up}\""))
+        .start(pki)
+        .await
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket to `wss://ws.test{path}` through the proxy (over HTTP/1.1).
+async fn ws_connect(
+    proxy: &Proxy,
+    pki: &Pki,
+    path: &str,
+) -> (
+    Ws,
+    tokio_tungstenite::tungstenite::handshake::client::Response,
+) {
+    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    tokio::time::timeout(
+        STEP,
+        tokio_tungstenite::client_async(format!("wss://ws.test{path}"), tls),
     )
     .await
+    .expect("handshake in time")
+    .expect("WebSocket handshake through the proxy")
+}
+
+/// Sends `m` and returns what comes back.
+async fn round_trip(ws: &mut Ws, m: Message) -> Message {
+    tokio::time::timeout(STEP, ws.send(m))
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(STEP, ws.next())
+        .await
+        .expect("echo in time")
+        .expect("stream open")
+        .expect("valid frame")
 }
 
 #[tokio::test]
@@ -99,17 +78,7 @@ async fn websocket_echoes_text_and_binary_through_the_proxy() {
     let (up, _stop) = ws_echo_upstream().await;
     let proxy = start(&pki, up).await;
 
-    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
-    let (mut ws, resp) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async("wss://ws.test/ws/chat", tls),
-    )
-    .await
-    .expect("handshake in time")
-    .expect("WebSocket handshake through the proxy");
+    let (mut ws, resp) = ws_connect(&proxy, &pki, "/ws/chat").await;
     assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
 
     let big: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
@@ -121,16 +90,7 @@ async fn websocket_echoes_text_and_binary_through_the_proxy() {
         Message::binary(big),
     ];
     for m in &messages {
-        tokio::time::timeout(STEP, ws.send(m.clone()))
-            .await
-            .unwrap()
-            .unwrap();
-        let back = tokio::time::timeout(STEP, ws.next())
-            .await
-            .expect("echo in time")
-            .expect("stream open")
-            .expect("valid frame");
-        assert_eq!(&back, m);
+        assert_eq!(&round_trip(&mut ws, m.clone()).await, m);
     }
     tokio::time::timeout(STEP, ws.close(None))
         .await
@@ -169,23 +129,11 @@ async fn plain_request_on_a_websocket_route_still_works() {
         assert_eq!(&got.body[..], b"plain");
     }
     // And a WebSocket still upgrades after plain requests on the same route.
-    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut ws, _) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    ws.send(Message::text("again")).await.unwrap();
-    let back = tokio::time::timeout(STEP, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, Message::text("again"));
+    let (mut ws, _) = ws_connect(&proxy, &pki, "/ws").await;
+    assert_eq!(
+        round_trip(&mut ws, Message::text("again")).await,
+        Message::text("again")
+    );
 }
 
 // An upgraded tunnel gets the shutdown grace period like any connection,
@@ -194,44 +142,17 @@ async fn plain_request_on_a_websocket_route_still_works() {
 async fn websocket_tunnel_is_closed_when_the_shutdown_grace_period_ends() {
     let pki = Pki::new();
     let (up, _stop) = ws_echo_upstream().await;
-    let dir = tempfile::tempdir().unwrap();
-    pki.leaf(&["ws.test"], Alg::Ecdsa).write(dir.path(), "");
-    let proxy = Proxy::start_in(
-        dir,
-        &format!(
-            r#"
-[admin]
-listen = "off"
-[timeouts]
-shutdown_grace = "1s"
-[[listeners]]
-listen = "127.0.0.1:0"
-[[sites]]
-hosts = ["ws.test"]
-tls = {{ cert = "cert.pem", key = "key.pem" }}
-  [[sites.routes]]
-  upstream = "http://{up}"
-"#
-        ),
-    )
-    .await;
-    let tls = tls_connect(proxy.https, "ws.test", pki.client_config(&[b"http/1.1"]))
-        .await
-        .unwrap();
-    let (mut ws, _) = tokio::time::timeout(
-        STEP,
-        tokio_tungstenite::client_async("wss://ws.test/ws", tls),
-    )
-    .await
-    .unwrap()
-    .unwrap();
-    ws.send(Message::text("before")).await.unwrap();
-    let back = tokio::time::timeout(STEP, ws.next())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(back, Message::text("before"));
+    let proxy = OneSite::new()
+        .host("ws.test")
+        .top("[timeouts]\nshutdown_grace = \"1s\"")
+        .upstream(up)
+        .start(&pki)
+        .await;
+    let (mut ws, _) = ws_connect(&proxy, &pki, "/ws").await;
+    assert_eq!(
+        round_trip(&mut ws, Message::text("before")).await,
+        Message::text("before")
+    );
 
     let t0 = std::time::Instant::now();
     proxy.shutdown.cancel();

@@ -10,7 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -18,12 +18,18 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::common::{Alg, Pki};
+pub use crate::common::client::cert_report;
+use crate::common::client::{admin_call, send_over, tls_connect, Got};
+pub use crate::common::metrics::scrape_at;
+pub use crate::common::origin::unreserved_port;
+use crate::common::pki::{backend_tls, client_config_trusting, Alg, Pki};
+pub use crate::common::proxy::Proxy;
+pub use crate::common::wait::{eventually, wait_for, wait_until};
 
 /// Fails (never skips) when Pebble is missing: CI installs it.
 pub fn require(bin: &str) -> PathBuf {
@@ -40,28 +46,34 @@ pub fn require(bin: &str) -> PathBuf {
     );
 }
 
-/// A free loopback port (bound then released; the kernel does not hand it
-/// out again at once).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// Waits until `child` accepts connections on `port`: Ok, or Err with its
+/// log when it exits first or `limit` passes.
+async fn wait_listening(
+    child: &mut Child,
+    port: u16,
+    limit: Duration,
+    log: &Path,
+) -> Result<(), String> {
+    let up = eventually(limit, || {
+        let exited = !matches!(child.try_wait(), Ok(None));
+        async move { exited || TcpStream::connect(("127.0.0.1", port)).await.is_ok() }
+    })
+    .await;
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    match child.try_wait() {
+        Ok(None) if up => Ok(()),
+        Ok(None) => Err(format!(
+            "did not listen on 127.0.0.1:{port} within {limit:?}; its log:\n{log}"
+        )),
+        _ => Err(format!(
+            "exited before listening on 127.0.0.1:{port}; its log:\n{log}"
+        )),
+    }
 }
 
-async fn wait_port(port: u16, limit: Duration, what: &str, log: &Path) {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "{what} did not listen on 127.0.0.1:{port} within {limit:?}; its log:\n{}",
-        std::fs::read_to_string(log).unwrap_or_default()
-    );
+/// A bind lost to another process (see [`unreserved_port`]).
+fn lost_port_race(err: &str) -> bool {
+    err.contains("address already in use")
 }
 
 /// How to run Pebble.
@@ -75,8 +87,9 @@ pub struct PebbleOptions {
     pub eab: Option<(String, String)>,
 }
 
-/// Pebble and its fake DNS, on fixed loopback ports so it can be stopped and
-/// started again at the same address.
+/// Pebble and its fake DNS, on loopback ports chosen once (see
+/// [`unreserved_port`]) so it can be stopped and started again at the same
+/// address.
 pub struct Pebble {
     pub dir: tempfile::TempDir,
     /// The test PKI behind Pebble's own HTTPS certificate (and the ARI front's).
@@ -107,10 +120,10 @@ impl Pebble {
         Pebble {
             dir,
             pki,
-            acme_port: free_port(),
-            mgmt_port: free_port(),
-            dns_port: free_port(),
-            dns_mgmt_port: free_port(),
+            acme_port: unreserved_port(),
+            mgmt_port: unreserved_port(),
+            dns_port: unreserved_port(),
+            dns_mgmt_port: unreserved_port(),
             http_port: 0,
             tls_port: 0,
             opts,
@@ -141,9 +154,11 @@ impl Pebble {
     pub async fn start(&mut self, http_port: u16, tls_port: u16) {
         self.http_port = http_port;
         self.tls_port = tls_port;
-        if self.dns.is_none() {
-            let log = std::fs::File::create(self.dir.path().join("dns.log")).unwrap();
-            let child = Command::new(require("pebble-challtestsrv"))
+        let mut tries = 0;
+        while self.dns.is_none() {
+            let log_path = self.dir.path().join("dns.log");
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new(require("pebble-challtestsrv"))
                 .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
                 .args(["-dns01", &format!("127.0.0.1:{}", self.dns_port)])
                 .args(["-management", &format!("127.0.0.1:{}", self.dns_mgmt_port)])
@@ -153,14 +168,22 @@ impl Pebble {
                 .stderr(log)
                 .spawn()
                 .expect("pebble-challtestsrv starts");
-            self.dns = Some(child);
-            wait_port(
-                self.dns_mgmt_port,
-                Duration::from_secs(15),
-                "pebble-challtestsrv",
-                &self.dir.path().join("dns.log"),
-            )
-            .await;
+            let limit = Duration::from_secs(15);
+            match wait_listening(&mut child, self.dns_mgmt_port, limit, &log_path).await {
+                Ok(()) => self.dns = Some(child),
+                Err(e) if lost_port_race(&e) && tries < 3 => {
+                    tries += 1;
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    self.dns_port = unreserved_port();
+                    self.dns_mgmt_port = unreserved_port();
+                }
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("pebble-challtestsrv {e}");
+                }
+            }
         }
         let mut pebble = serde_json::json!({
             "listenAddress": format!("127.0.0.1:{}", self.acme_port),
@@ -201,21 +224,23 @@ impl Pebble {
             .stderr(log)
             .spawn()
             .expect("pebble starts");
+        let mut child = child;
+        for port in [self.acme_port, self.mgmt_port] {
+            if let Err(e) =
+                wait_listening(&mut child, port, Duration::from_secs(15), &self.log_path()).await
+            {
+                let _ = child.kill();
+                let _ = child.wait();
+                let race = if lost_port_race(&e) {
+                    " (another process took the port between its reservation and Pebble's \
+                     bind: the residual race documented at `unreserved_port`; run again)"
+                } else {
+                    ""
+                };
+                panic!("pebble {e}{race}");
+            }
+        }
         self.pebble = Some(child);
-        wait_port(
-            self.acme_port,
-            Duration::from_secs(15),
-            "pebble",
-            &self.log_path(),
-        )
-        .await;
-        wait_port(
-            self.mgmt_port,
-            Duration::from_secs(15),
-            "pebble management",
-            &self.log_path(),
-        )
-        .await;
     }
 
     /// Stops Pebble (it forgets every account, order and key).
@@ -257,15 +282,7 @@ impl Pebble {
     pub async fn issued_client(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.root().await).unwrap();
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-        Arc::new(cfg)
+        client_config_trusting(roots, alpn)
     }
 
     /// Pebble's view of a certificate: `(status, reason)`, e.g. `("Revoked", Some(1))`.
@@ -308,106 +325,57 @@ pub async fn https_request(
         .and_then(|h| h.to_str().ok())
         .map(|h| h.rsplit_once(':').map_or(h, |(n, _)| n).to_string())
         .unwrap_or_else(|| addr.ip().to_string());
-    let tcp = TcpStream::connect(addr).await?;
-    let tls = tokio_rustls::TlsConnector::from(cfg)
-        .connect(ServerName::try_from(host)?, tcp)
-        .await?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls)).await?;
-    tokio::spawn(conn);
-    let resp = send.send_request(req).await?;
-    let status = resp.status().as_u16();
-    let headers = resp.headers().clone();
-    let body = resp.into_body().collect().await?.to_bytes();
-    Ok((status, headers, body))
+    let tls = tls_connect(addr, &host, cfg).await?;
+    let got = Got::read(send_over(tls, req).await?).await?;
+    Ok((got.status, got.headers, got.body))
 }
 
 /// A GET to the admin API (plain HTTP).
 pub async fn admin(addr: SocketAddr, method: &str, path: &str) -> (u16, String) {
-    portcullis::ops::admin_request(&format!("http://{addr}"), method, path)
-        .await
-        .unwrap_or_else(|e| panic!("admin {method} {path}: {e}"))
-}
-
-/// The `/certs` entry for `name`.
-pub async fn cert_report(admin_addr: SocketAddr, name: &str) -> serde_json::Value {
-    let (status, body) = admin(admin_addr, "GET", "/certs").await;
-    assert_eq!(status, 200, "{body}");
-    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
-    v["certificates"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("no certificate {name} in {body}"))
+    admin_call(addr, method, path).await
 }
 
 /// A metric's value from `/metrics` (exact label set, as rendered).
-pub async fn metric(admin_addr: SocketAddr, series: &str) -> Option<f64> {
-    let (_, body) = admin(admin_addr, "GET", "/metrics").await;
-    body.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
+/// The `/certs` entry of `name` once it reports a `last_error` (at most 10 s).
+pub async fn error_report(admin_addr: SocketAddr, name: &str) -> serde_json::Value {
+    let what = format!("an error reported for {name}");
+    wait_for(Duration::from_secs(10), &what, || async {
+        let r = cert_report(admin_addr, name).await;
+        r["last_error"].is_string().then_some(r)
+    })
+    .await
 }
 
-/// The proxy, bound and running.
-pub struct Proxy {
-    pub https: SocketAddr,
-    pub http: Option<SocketAddr>,
-    pub admin: SocketAddr,
-    pub shutdown: CancellationToken,
-    pub done: Option<tokio::task::JoinHandle<Result<(), portcullis::Error>>>,
-    pub acme: Arc<portcullis::acme::Manager>,
-    pub certs: Arc<portcullis::certstore::CertStore>,
-    pub control: Arc<portcullis::control::Control>,
-    pub config_path: PathBuf,
+/// `portcullis_acme_next_renewal_timestamp_seconds` of site `name`.
+pub async fn next_renewal(admin_addr: SocketAddr, name: &str) -> Option<f64> {
+    scrape_at(admin_addr).await.exact(
+        "portcullis_acme_next_renewal_timestamp_seconds",
+        &[("name", name)],
+    )
+}
+
+/// Now, in Unix seconds (as the timestamp metrics are).
+pub fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// `portcullis_acme_renewals_total` of site `name` with `result`
+/// (`success` or `failure`).
+pub async fn renewals(admin_addr: SocketAddr, name: &str, result: &str) -> Option<f64> {
+    scrape_at(admin_addr).await.exact(
+        "portcullis_acme_renewals_total",
+        &[("name", name), ("result", result)],
+    )
+}
+
+pub async fn metric(admin_addr: SocketAddr, series: &str) -> Option<f64> {
+    scrape_at(admin_addr).await.series(series)
 }
 
 impl Proxy {
-    /// Writes `toml` as `dir/portcullis.toml`, binds, lets `before_run`
-    /// see the bound ports (to start Pebble against them), then runs.
-    pub async fn start<F, Fut>(dir: &Path, toml: &str, before_run: F) -> Proxy
-    where
-        F: FnOnce(Option<u16>, u16) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let path = dir.join("portcullis.toml");
-        std::fs::write(&path, toml).unwrap();
-        let config =
-            portcullis::config::Config::load(&path).unwrap_or_else(|e| panic!("config: {e}"));
-        let shutdown = CancellationToken::new();
-        let server = portcullis::Server::bind(config, shutdown.clone())
-            .await
-            .unwrap();
-        let https = server.https_addrs()[0];
-        let http = server.http_addrs().first().copied();
-        before_run(http.map(|a| a.port()), https.port()).await;
-        let proxy = Proxy {
-            https,
-            http,
-            admin: server.admin_addr().expect("an admin listener"),
-            shutdown: shutdown.clone(),
-            acme: server.acme(),
-            certs: server.certs(),
-            control: server.control(),
-            config_path: path,
-            done: None,
-        };
-        let done = tokio::spawn(server.run());
-        Proxy {
-            done: Some(done),
-            ..proxy
-        }
-    }
-
-    /// Stops the proxy and waits for it.
-    pub async fn stop(mut self) {
-        self.shutdown.cancel();
-        if let Some(d) = self.done.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), d).await;
-        }
-    }
-
     /// The serial of the certificate in service for `name` (slot `site`).
     pub fn serial(&self, site: &str) -> Option<String> {
         self.certs
@@ -425,25 +393,19 @@ impl Proxy {
         limit: Duration,
         pebble: &Pebble,
     ) -> String {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(slot) = self.certs.slot(site) {
-                if let Some(cur) = slot.current() {
-                    let acme = cur.info.issuer_cn.to_ascii_lowercase().contains("pebble");
-                    if acme && Some(cur.info.serial.as_str()) != not {
-                        return cur.info.serial.clone();
-                    }
-                }
-            }
-            if Instant::now() > deadline {
-                let report = self.certs.slot(site).map(|s| format!("{:?}", s.status()));
-                panic!(
-                    "no new ACME certificate for {site} within {limit:?}; slot status: {report:?}\npebble log:\n{}",
-                    pebble.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+        let current = || {
+            let cur = self.certs.slot(site)?.current()?;
+            let acme = cur.info.issuer_cn.to_ascii_lowercase().contains("pebble");
+            (acme && Some(cur.info.serial.as_str()) != not).then(|| cur.info.serial.clone())
+        };
+        if eventually(limit, || async { current().is_some() }).await {
+            return current().unwrap();
         }
+        let report = self.certs.slot(site).map(|s| format!("{:?}", s.status()));
+        panic!(
+            "no new ACME certificate for {site} within {limit:?}; slot status: {report:?}\npebble log:\n{}",
+            pebble.log()
+        );
     }
 }
 
@@ -573,22 +535,8 @@ impl AriFront {
     pub async fn start(pebble: &Pebble) -> AriFront {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let leaf = pebble.pki.leaf(&["127.0.0.1"], Alg::Ecdsa);
-        let chain: Vec<CertificateDer<'static>> =
-            CertificateDer::pem_slice_iter(leaf.chain_pem.as_bytes())
-                .map(|c| c.unwrap())
-                .collect();
-        let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(leaf.key_pem.as_bytes()).unwrap();
-        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .unwrap();
-        server.alpn_protocols = vec![b"http/1.1".to_vec()];
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let cert = pebble.pki.server_cert(&["127.0.0.1"]);
+        let acceptor = tokio_rustls::TlsAcceptor::from(backend_tls(&cert, &[b"http/1.1"], None));
         let state = Arc::new(Mutex::new(AriState::default()));
         let stop = CancellationToken::new();
         let upstream = SocketAddr::from(([127, 0, 0, 1], pebble.acme_port));
