@@ -167,7 +167,7 @@ struct ReloadBody {
 
 async fn handle(state: &AdminState, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let call = route(req.method(), req.uri().path());
-    if let Err(refused) = check_access(&state.control.admin_access(), &req, &call) {
+    if let Some(refused) = check_access(&state.control.admin_access(), &req, &call) {
         return refused;
     }
     match call {
@@ -286,7 +286,7 @@ fn host_of(value: &str) -> Option<&str> {
     crate::proxy::headers::strip_port(authority)
 }
 
-/// Refuses requests for a foreign `Host` (DNS rebinding), state changes
+/// The refusal (if any) of requests for a foreign `Host` (DNS rebinding), state changes
 /// from a cross-site page (`Origin`), and requests without the bearer
 /// token when one is configured (`/healthz` and `/readyz` need none: they
 /// tell nothing and probes seldom carry credentials).
@@ -294,14 +294,14 @@ fn check_access(
     access: &AdminAccess,
     req: &Request<Incoming>,
     call: &Call<'_>,
-) -> Result<(), Response<Full<Bytes>>> {
+) -> Option<Response<Full<Bytes>>> {
     let header = |name| req.headers().get(name).and_then(|v| v.to_str().ok());
     let host = header(header::HOST).or_else(|| req.uri().authority().map(|a| a.as_str()));
     if !host
         .and_then(host_of)
         .is_some_and(|h| host_allowed(access, h))
     {
-        return Err(text(
+        return Some(text(
             StatusCode::FORBIDDEN,
             "this admin API answers only for its address, localhost and admin.hosts (Host refused)\n".into(),
         ));
@@ -311,7 +311,7 @@ fn check_access(
             .is_some_and(|o| !host_of(o).is_some_and(|h| host_allowed(access, h)))
             || header(HeaderName::from_static("sec-fetch-site")).is_some_and(|s| s == "cross-site");
         if cross_site {
-            return Err(text(
+            return Some(text(
                 StatusCode::FORBIDDEN,
                 "cross-site requests cannot change state (Origin refused)\n".into(),
             ));
@@ -319,7 +319,7 @@ fn check_access(
     }
     if let Some(token) = &access.token {
         if matches!(call, Call::Healthz | Call::Readyz) {
-            return Ok(());
+            return None;
         }
         let given = header(header::AUTHORIZATION)
             .and_then(|v| v.strip_prefix("Bearer "))
@@ -333,10 +333,10 @@ fn check_access(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Bearer realm=\"portcullis admin\""),
             );
-            return Err(r);
+            return Some(r);
         }
     }
-    Ok(())
+    None
 }
 
 /// Compares without an early exit on the first differing byte.

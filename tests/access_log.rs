@@ -66,14 +66,15 @@ async fn get_with_headers(
 }
 
 /// Stops the proxy and waits for `Server::run` to return.
-async fn stop(proxy: Proxy) -> tempfile::TempDir {
+async fn stop(mut proxy: Proxy) -> tempfile::TempDir {
+    let dir = proxy.take_tmp();
     proxy.shutdown.cancel();
     tokio::time::timeout(STEP, proxy.done)
         .await
         .expect("run returns")
         .unwrap()
         .unwrap();
-    proxy.dir
+    dir
 }
 
 fn lines(path: &Path) -> Vec<String> {
@@ -267,7 +268,7 @@ async fn sigusr1_reopens_the_file_after_a_rename() {
         200
     );
     assert!(
-        eventually(STEP, || read(&path).contains("/hello/first")).await,
+        eventually(STEP, || async { read(&path).contains("/hello/first") }).await,
         "first line never written; stderr:\n{}",
         proxy.log_text()
     );
@@ -275,7 +276,10 @@ async fn sigusr1_reopens_the_file_after_a_rename() {
     proxy.signal("USR1");
     // The process says when the new file is open.
     assert!(
-        eventually(STEP, || proxy.log_text().contains("access log reopened")).await,
+        eventually(STEP, || async {
+            proxy.log_text().contains("access log reopened")
+        })
+        .await,
         "no reopen logged:\n{}",
         proxy.log_text()
     );
@@ -284,7 +288,7 @@ async fn sigusr1_reopens_the_file_after_a_rename() {
         200
     );
     assert!(
-        eventually(STEP, || read(&path).contains("/hello/second")).await,
+        eventually(STEP, || async { read(&path).contains("/hello/second") }).await,
         "second line not in a new file at {}; stderr:\n{}",
         path.display(),
         proxy.log_text()

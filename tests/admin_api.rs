@@ -192,7 +192,7 @@ async fn with_a_token_file_every_call_but_health_needs_the_bearer_token() {
     assert_eq!(
         raw(
             admin,
-            &format!("POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n")
+            "POST /reload HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-length: 0\r\n\r\n"
         )
         .await,
         401

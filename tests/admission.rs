@@ -157,7 +157,10 @@ async fn idle_keep_alive_connections_make_room_at_the_connection_cap() {
     assert!(metric(&text, "portcullis_connections_shed_total") >= 1.0);
     // The shed connection was closed by the proxy (its client task ends).
     assert!(
-        common::eventually(SERVED_WITHIN, || idle.iter().any(|(_, t)| t.is_finished())).await,
+        common::eventually(SERVED_WITHIN, || async {
+            idle.iter().any(|(_, t)| t.is_finished())
+        })
+        .await,
         "no idle connection was closed"
     );
 }

@@ -95,7 +95,7 @@ async fn renew_and_reload_print_one_line_and_json_on_request() {
 
     // A config that cannot be used: refused, the line says so, exit 1.
     std::fs::write(
-        proxy.dir.path().join("portcullis.toml"),
+        proxy.dir.join("portcullis.toml"),
         "[[listeners]]\nlisten = \"nowhere\"\n",
     )
     .unwrap();

@@ -122,6 +122,15 @@ impl Proxy {
         assert_eq!(status, 200, "reload refused: {body}");
     }
 
+    /// Takes the temporary directory the proxy was started in, so it
+    /// outlives the proxy (to read files it wrote after it stopped).
+    #[allow(dead_code)]
+    pub fn take_tmp(&mut self) -> tempfile::TempDir {
+        self._tmp
+            .take()
+            .expect("started with Proxy::start or start_in")
+    }
+
     /// Stops the proxy and waits (at most 10 s) for it.
     pub async fn stop(self) {
         self.shutdown.cancel();
