@@ -30,7 +30,26 @@ fn err(s: impl Into<String>) -> OpsError {
     OpsError(s.into())
 }
 
-/// Sends `method path` to the admin API at `base` (`http://127.0.0.1:9901`).
+/// The environment variable naming the file of the admin bearer token
+/// (the same file as the config's `admin.token_file`).
+pub const ADMIN_TOKEN_FILE_ENV: &str = "PORTCULLIS_ADMIN_TOKEN_FILE";
+
+/// The bearer token to send, if [`ADMIN_TOKEN_FILE_ENV`] names a file.
+fn admin_token() -> Result<Option<String>, OpsError> {
+    let Some(path) = std::env::var_os(ADMIN_TOKEN_FILE_ENV) else {
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        err(format!(
+            "{ADMIN_TOKEN_FILE_ENV}={}: cannot read the admin token: {e}",
+            std::path::Path::new(&path).display()
+        ))
+    })?;
+    Ok(Some(text.trim().to_string()))
+}
+
+/// Sends `method path` to the admin API at `base` (`http://127.0.0.1:9901`),
+/// with the bearer token of [`ADMIN_TOKEN_FILE_ENV`] when it is set.
 pub async fn admin_request(
     base: &str,
     method: &str,
@@ -66,10 +85,14 @@ pub async fn admin_request(
         .await
         .map_err(|e| err(format!("admin API at {base}: {e}")))?;
     tokio::spawn(conn);
-    let req = http::Request::builder()
+    let mut req = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, auth.as_str())
+        .header(http::header::HOST, auth.as_str());
+    if let Some(token) = admin_token()? {
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    let req = req
         .body(Full::new(Bytes::new()))
         .map_err(|e| err(e.to_string()))?;
     let resp = tokio::time::timeout(Duration::from_secs(120), send.send_request(req))
@@ -77,6 +100,11 @@ pub async fn admin_request(
         .map_err(|_| err(format!("admin API at {base}: no answer")))?
         .map_err(|e| err(format!("admin API at {base}: {e}")))?;
     let status = resp.status().as_u16();
+    if status == 401 {
+        return Err(err(format!(
+            "admin API at {base} requires its bearer token: set {ADMIN_TOKEN_FILE_ENV} to the admin.token_file path"
+        )));
+    }
     let body = resp
         .into_body()
         .collect()

@@ -197,6 +197,26 @@ async fn with_a_token_file_every_call_but_health_needs_the_bearer_token() {
         .await,
         401
     );
+    // The CLI sends the token named by PORTCULLIS_ADMIN_TOKEN_FILE.
+    let url = format!("http://{admin}");
+    let token_file = proxy.dir.join("admin-token");
+    let without = common::cli(
+        ["reload", "--admin", url.as_str()],
+        &[("PORTCULLIS_ADMIN_TOKEN_FILE", None)],
+    )
+    .await;
+    assert_ne!(without.code, Some(0));
+    assert!(
+        without.stderr.contains("PORTCULLIS_ADMIN_TOKEN_FILE"),
+        "{}",
+        without.stderr
+    );
+    let with = common::cli(
+        ["reload", "--admin", url.as_str()],
+        &[("PORTCULLIS_ADMIN_TOKEN_FILE", token_file.to_str())],
+    )
+    .await;
+    assert_eq!(with.code, Some(0), "{}", with.stderr);
 }
 
 #[tokio::test]
