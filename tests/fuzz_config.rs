@@ -20,6 +20,8 @@
 //! A failing case is written to `tests/fuzz_config.proptest-regressions`
 //! (commit it) and becomes a named `#[test]` at the end of this file.
 
+mod common;
+
 use std::path::Path;
 
 use portcullis::config::{Config, ConfigErrors};
@@ -39,16 +41,7 @@ const QUICKSTART: &str = include_str!("../config/quickstart.toml");
 const REFERENCE: &str = include_str!("../config/reference.toml");
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CASES);
-    ProptestConfig {
-        cases,
-        // Shrinking re-runs cases; keep a failing run short too.
-        max_shrink_iters: 2048,
-        ..ProptestConfig::default()
-    }
+    common::fuzz::proptest_config(CASES)
 }
 
 /// Loads `bytes` as `portcullis.toml` in a fresh directory and checks the

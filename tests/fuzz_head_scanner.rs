@@ -19,6 +19,8 @@
 //! A failing case is written to `tests/fuzz_head_scanner.proptest-regressions`
 //! (commit it) and becomes a named `#[test]` at the end of this file.
 
+mod common;
+
 use portcullis::proxy::io::{scan_for_tests, ScanVerdict};
 use proptest::prelude::*;
 use proptest::sample::Index;
@@ -30,14 +32,7 @@ const CASES: u32 = 256;
 const MAX_HEAD: usize = 65536;
 
 fn config() -> ProptestConfig {
-    let cases = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CASES);
-    ProptestConfig {
-        cases,
-        ..ProptestConfig::default()
-    }
+    common::fuzz::proptest_config(CASES)
 }
 
 /// `bytes` cut at `cuts` (positions taken modulo the length, sorted).

@@ -13,6 +13,7 @@
 //!   certificate events to await.
 //! - [`cli`]: the `portcullis` CLI and the on-call fixture.
 //! - [`acme`]: a real Pebble, ACME config text, the ARI front.
+//! - [`fuzz`]: the property tests' shared settings.
 // Each test binary uses part of the harness: unused helpers and
 // re-exports are expected there.
 #![allow(dead_code, unused_imports)]
@@ -20,6 +21,7 @@
 pub mod acme;
 pub mod cli;
 pub mod client;
+pub mod fuzz;
 pub mod metrics;
 pub mod origin;
 pub mod pki;
