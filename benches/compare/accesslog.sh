@@ -80,39 +80,15 @@ PORTCULLIS=$TARGET_DIR/release/portcullis
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-accesslog.XXXXXX")
 chmod 755 "$WORK"
-PIDS=()
-stop_pid() {
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    if [ "$KEEP" = 1 ]; then say "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$HERE/lib.sh"
 
 ORIGIN_PORT=$PORT_BASE
 ADMIN_PORT=$((PORT_BASE + 1))
 PORT=$((PORT_BASE + 43))
 URL="https://localhost:$PORT/"
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$ORIGIN_PORT" "$ADMIN_PORT" "$PORT"; do
     port_busy "$p" && { say "accesslog.sh: 127.0.0.1:$p is in use; set COMPARE_PORT_BASE"; exit 2; }
 done
-http_get() { # port path
-    timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" "$2" >&3; sed "1,/^\r\{0,1\}$/d" <&3' _ "$1" "$2"
-}
 
 say "== certificate (openssl) in $WORK"
 (

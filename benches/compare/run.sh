@@ -105,27 +105,7 @@ done
 # --- work dir, cleanup -------------------------------------------------------
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/portcullis-compare.XXXXXX")
 chmod 755 "$WORK" # nginx workers may run as another user
-PIDS=()
-stop_pid() {
-    local pid=$1 i
-    kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-    kill -TERM "$pid" 2>/dev/null || true
-    for i in $(seq 1 50); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.1
-    done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
-cleanup() {
-    local rc=$? pid
-    trap - EXIT INT TERM
-    for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
-    if [ "$KEEP" = 1 ]; then say "work directory kept: $WORK"; else rm -rf "$WORK"; fi
-    exit $rc
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+. "$HERE/lib.sh"
 
 ORIGIN_PORT=$PORT_BASE
 ADMIN_PORT=$((PORT_BASE + 1))
@@ -133,7 +113,6 @@ PORT=$((PORT_BASE + 43))
 # A host name, not 127.0.0.1: wrk and h2load would send the IP address as
 # SNI, which TLS forbids (rustls logs a warning for each such handshake).
 URL="https://localhost:$PORT/"
-port_busy() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 for p in "$ORIGIN_PORT" "$ADMIN_PORT" "$PORT"; do
     if port_busy "$p"; then
         say "run.sh: 127.0.0.1:$p is in use; set COMPARE_PORT_BASE to a free range"
@@ -142,9 +121,6 @@ for p in "$ORIGIN_PORT" "$ADMIN_PORT" "$PORT"; do
 done
 
 # A plain HTTP/1.0 GET on loopback; prints the body.
-http_get() { # port path
-    timeout 5 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1"; printf "GET %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n" "$2" >&3; sed "1,/^\r\{0,1\}$/d" <&3' _ "$1" "$2"
-}
 
 template() { # src dst
     sed -e "s#@DIR@#$WORK#g" -e "s#@PORT@#$PORT#g" -e "s#@ORIGIN_PORT@#$ORIGIN_PORT#g" \
