@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderName, StatusCode, Uri};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 /// Most upstreams one route may name (selection scans them on the hot path).
 pub const MAX_UPSTREAMS: usize = 256;
@@ -131,7 +132,25 @@ impl PassiveHealth {
     };
 }
 
-/// TLS to the `https://` upstreams of a group.
+/// A client certificate chain and its key, for mTLS to the upstreams.
+pub struct ClientAuth {
+    /// Leaf first.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key (checked against it at load).
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl std::fmt::Debug for ClientAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientAuth")
+            .field("chain", &self.chain.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// TLS to the `https://` upstreams of a group: the material as read and
+/// checked at load. The proxy builds its TLS client from it; this module
+/// knows no TLS library.
 #[derive(Clone)]
 pub struct UpstreamTls {
     /// The CA bundle upstream certificates are verified against (the
@@ -146,9 +165,10 @@ pub struct UpstreamTls {
     /// Digest of every file read (CA, chain, key): a reload that changes a
     /// file builds a new TLS client, one that does not keeps the pool.
     pub material: u64,
-    /// The rustls client config (roots, client certificate, ALPN), built
-    /// once when the file is validated.
-    pub client_config: Arc<rustls::ClientConfig>,
+    /// The CA certificates of `ca` (DER).
+    pub roots: Arc<[CertificateDer<'static>]>,
+    /// The client certificate chain and key of `client_cert`.
+    pub client_auth: Option<Arc<ClientAuth>>,
 }
 
 impl std::fmt::Debug for UpstreamTls {
@@ -174,14 +194,11 @@ impl PartialEq for UpstreamTls {
 impl Eq for UpstreamTls {}
 
 /// Reads every certificate of a PEM file.
-pub(crate) fn read_certs(
-    path: &std::path::Path,
-) -> Result<Vec<rustls_pki_types::CertificateDer<'static>>, String> {
+pub(crate) fn read_certs(path: &std::path::Path) -> Result<Vec<CertificateDer<'static>>, String> {
     use rustls_pki_types::pem::PemObject;
     let bytes =
         std::fs::read(path).map_err(|e| format!("cannot read \"{}\": {e}", path.display()))?;
-    let certs: Result<Vec<_>, _> =
-        rustls_pki_types::CertificateDer::pem_slice_iter(&bytes).collect();
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
     match certs {
         Ok(c) if c.is_empty() => Err(format!(
             "\"{}\" holds no PEM certificate (no BEGIN CERTIFICATE)",
@@ -192,42 +209,8 @@ pub(crate) fn read_certs(
     }
 }
 
-/// Builds the rustls client config of a group. `roots` verify the
-/// upstream; `client` is the mTLS chain and key; ALPN follows `protocol`.
-pub(crate) fn client_config(
-    roots: Vec<rustls_pki_types::CertificateDer<'static>>,
-    client: Option<(
-        Vec<rustls_pki_types::CertificateDer<'static>>,
-        rustls_pki_types::PrivateKeyDer<'static>,
-    )>,
-    protocol: UpstreamProtocol,
-) -> Result<(rustls::ClientConfig, usize), String> {
-    let mut store = rustls::RootCertStore::empty();
-    let (added, _ignored) = store.add_parsable_certificates(roots);
-    if added == 0 {
-        return Err("holds no usable CA certificate".into());
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(store);
-    let mut cfg = match client {
-        Some((chain, key)) => builder
-            .with_client_auth_cert(chain, key)
-            .map_err(|e| format!("client certificate and key do not work together: {e}"))?,
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = match protocol {
-        UpstreamProtocol::H2 => vec![b"h2".to_vec()],
-        _ => vec![b"http/1.1".to_vec()],
-    };
-    Ok((cfg, added))
-}
-
 /// The TLS server name of an upstream URI (its host; IPv6 without brackets).
-pub fn server_name_of(uri: &Uri) -> Option<rustls::pki_types::ServerName<'static>> {
+pub fn server_name_of(uri: &Uri) -> Option<ServerName<'static>> {
     let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
-    rustls::pki_types::ServerName::try_from(host.to_string()).ok()
+    ServerName::try_from(host.to_string()).ok()
 }

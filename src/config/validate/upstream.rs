@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::Uri;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use toml::Spanned;
 
-use super::Ctx;
+use super::ctx::Ctx;
 use crate::config::raw::RawRoute;
 use crate::config::upstream::{
-    client_config, read_certs, server_name_of, HealthCheck, LbPolicy, PassiveHealth,
-    UpstreamProtocol, UpstreamTarget, UpstreamTls, MAX_RETRIES, MAX_UPSTREAMS, MAX_WEIGHT,
-    SYSTEM_ROOTS,
+    read_certs, server_name_of, ClientAuth, HealthCheck, LbPolicy, PassiveHealth, UpstreamProtocol,
+    UpstreamTarget, UpstreamTls, MAX_RETRIES, MAX_UPSTREAMS, MAX_WEIGHT, SYSTEM_ROOTS,
 };
 use crate::config::UpstreamConfig;
 
@@ -75,7 +75,7 @@ pub(super) fn build(
         },
     };
     let protocol = protocol(cx, r, prefix, &targets);
-    let tls = tls(cx, r, prefix, &targets, protocol, resolve);
+    let tls = tls(cx, r, prefix, &targets, resolve);
     let retries = match &r.retries {
         None => 2,
         Some(v) => match u32::try_from(*v.get_ref()) {
@@ -370,7 +370,6 @@ fn tls(
     r: &RawRoute,
     prefix: &str,
     targets: &[(UpstreamTarget, Range<usize>, String)],
-    protocol: UpstreamProtocol,
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Option<UpstreamTls> {
     let first_https = targets.iter().find(|(t, _, _)| t.is_https());
@@ -425,7 +424,7 @@ fn tls(
 
     // SNI: tls_server_name, else each upstream's host.
     let server_name = match &r.tls_server_name {
-        Some(n) => match rustls::pki_types::ServerName::try_from(n.get_ref().as_str()) {
+        Some(n) => match rustls_pki_types::ServerName::try_from(n.get_ref().as_str()) {
             Ok(_) => Some(n.get_ref().clone()),
             Err(_) => {
                 cx.err(
@@ -487,8 +486,8 @@ fn tls(
                 }
             };
             let key = {
-                use rustls::pki_types::pem::PemObject;
-                match rustls::pki_types::PrivateKeyDer::from_pem_file(&key_path) {
+                use rustls_pki_types::pem::PemObject;
+                match rustls_pki_types::PrivateKeyDer::from_pem_file(&key_path) {
                     Ok(key) => Some(key),
                     Err(e) => {
                         cx.err(
@@ -523,14 +522,19 @@ fn tls(
         Some((paths, chain, key, span)) => (Some(paths), Some((chain, key)), Some(span)),
         None => (None, None, None),
     };
-    match client_config(roots, client, protocol) {
-        Ok((cfg, _)) => Some(UpstreamTls {
+    let checked = check_roots(&roots).and_then(|()| match &client {
+        Some((chain, key)) => check_client(chain, key),
+        None => Ok(()),
+    });
+    match checked {
+        Ok(()) => Some(UpstreamTls {
             ca,
             system_roots,
             server_name,
             client_cert: paths,
             material: digest.finish(),
-            client_config: Arc::new(cfg),
+            roots: roots.into(),
+            client_auth: client.map(|(chain, key)| Arc::new(ClientAuth { chain, key })),
         }),
         Err(e) => {
             match (client_span, &r.ca) {
@@ -550,6 +554,38 @@ fn tls(
             }
             None
         }
+    }
+}
+
+/// At least one certificate of the bundle parses as X.509.
+fn check_roots(roots: &[CertificateDer<'_>]) -> Result<(), String> {
+    if roots
+        .iter()
+        .any(|c| x509_parser::parse_x509_certificate(c.as_ref()).is_ok())
+    {
+        Ok(())
+    } else {
+        Err("holds no usable CA certificate".into())
+    }
+}
+
+/// The key is the leaf certificate's: its public key is the one the
+/// certificate carries.
+fn check_client(chain: &[CertificateDer<'_>], key: &PrivateKeyDer<'_>) -> Result<(), String> {
+    use rcgen::PublicKeyData;
+    let bad = |why: String| format!("client certificate and key do not work together: {why}");
+    let leaf = chain.first().ok_or_else(|| bad("no certificate".into()))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| bad(format!("the certificate does not parse: {e}")))?;
+    let pair = rcgen::KeyPair::try_from(key).map_err(|e| {
+        bad(format!(
+            "the key is not a supported RSA, ECDSA or Ed25519 key: {e}"
+        ))
+    })?;
+    if pair.subject_public_key_info() == cert.tbs_certificate.subject_pki.raw {
+        Ok(())
+    } else {
+        Err(bad("the key is not the certificate's".into()))
     }
 }
 

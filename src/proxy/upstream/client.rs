@@ -99,7 +99,7 @@ impl ClientSettings {
                 None => crate::config::server_name_of(&self.uri),
             };
             TlsSetup {
-                connector: tokio_rustls::TlsConnector::from(t.client_config.clone()),
+                connector: tokio_rustls::TlsConnector::from(tls_client(t, self.protocol)),
                 // Validated with the config; the fallback never verifies.
                 server_name: name.unwrap_or_else(|| {
                     rustls::pki_types::ServerName::try_from("invalid.").unwrap()
@@ -146,6 +146,38 @@ impl ClientSettings {
             .http2_keep_alive_timeout(Duration::from_secs(20));
         UpstreamClient::Http2(Box::new(b.build(connector)))
     }
+}
+
+/// The rustls client of `https://` upstreams: the roots and client
+/// certificate the config read and checked, ALPN for `protocol`. The
+/// config checked everything this needs; should it still fail, the client
+/// trusts no root, so every handshake fails (closed, never open) and the
+/// reason is logged.
+fn tls_client(t: &UpstreamTls, protocol: UpstreamProtocol) -> Arc<rustls::ClientConfig> {
+    let build = || -> Result<rustls::ClientConfig, rustls::Error> {
+        let mut store = rustls::RootCertStore::empty();
+        store.add_parsable_certificates(t.roots.iter().cloned());
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(store);
+        Ok(match &t.client_auth {
+            Some(a) => builder.with_client_auth_cert(a.chain.clone(), a.key.clone_key())?,
+            None => builder.with_no_client_auth(),
+        })
+    };
+    let mut cfg = build().unwrap_or_else(|e| {
+        tracing::error!(ca = %t.ca.display(), error = %e, "upstream TLS client cannot be built; its handshakes will fail");
+        rustls::ClientConfig::builder()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth()
+    });
+    cfg.alpn_protocols = match protocol {
+        UpstreamProtocol::H2 => vec![b"h2".to_vec()],
+        _ => vec![b"http/1.1".to_vec()],
+    };
+    Arc::new(cfg)
 }
 
 fn fmt_host(h: &str) -> String {
