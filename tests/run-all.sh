@@ -16,12 +16,10 @@ command -v openssl >/dev/null 2>&1 || missing="$missing openssl"
 command -v promtool >/dev/null 2>&1 || missing="$missing prometheus"
 # Pebble (Let's Encrypt's test CA) and its fake DNS, for tests/acme.rs.
 { command -v pebble && command -v pebble-challtestsrv; } >/dev/null 2>&1 || missing="$missing pebble"
-# Redis, for the fleet ([cluster]) tests; they start their own server.
-command -v redis-server >/dev/null 2>&1 || missing="$missing redis-server"
 
 if [ -n "$missing" ]; then
     echo "installing:$missing"
-    # Packages such as prometheus and redis-server start a service from
+    # Packages such as prometheus start a service from
     # their maintainer scripts; the tests need only the binaries. A
     # policy-rc.d that exits 101 ("action forbidden") makes invoke-rc.d
     # start nothing. Ours is removed afterwards, also on failure; one that
