@@ -31,6 +31,7 @@ use super::context::Peer;
 use super::handler::{self, ConnCtx};
 use super::io::{ConnIo, ConnShared, ScanH1};
 use super::redirect;
+use super::route::Snapshot;
 use super::runtime::Runtime;
 use super::tls;
 
@@ -188,11 +189,7 @@ async fn serve_plain_conn(tcp: TcpStream, rt: Arc<Runtime>, https_port: Option<u
     let io = ConnIo::new(
         tcp,
         snap.timeouts.response_write,
-        Some(ScanH1 {
-            shared: shared.clone(),
-            max_head: snap.limits.max_header_bytes,
-            head_timeout: snap.timeouts.request_header,
-        }),
+        Some(scan_h1(&shared, &snap)),
     );
     let rt2 = rt.clone();
     let svc = service_fn(move |req: hyper::Request<Incoming>| {
@@ -258,11 +255,7 @@ async fn serve_tls_conn(
     let io = ConnIo::new(
         stream,
         snap.timeouts.response_write,
-        (!is_h2).then(|| ScanH1 {
-            shared: shared.clone(),
-            max_head: snap.limits.max_header_bytes,
-            head_timeout: snap.timeouts.request_header,
-        }),
+        (!is_h2).then(|| scan_h1(&shared, &snap)),
     );
     let io = if is_h2 { io.watch_h2() } else { io };
     let ctx = Arc::new(ConnCtx {
@@ -306,6 +299,15 @@ async fn serve_tls_conn(
         snap.timeouts.idle,
     )
     .await;
+}
+
+/// The HTTP/1 head scanner of a connection, with the snapshot's limits.
+fn scan_h1(shared: &Arc<ConnShared>, snap: &Snapshot) -> ScanH1 {
+    ScanH1 {
+        shared: shared.clone(),
+        max_head: snap.limits.max_header_bytes,
+        head_timeout: snap.timeouts.request_header,
+    }
 }
 
 /// Runs a connection until it ends, closing it when it has been idle too

@@ -38,7 +38,7 @@ use crate::proxy::body::{
 };
 use crate::proxy::clock::now_ms;
 use crate::proxy::context::{Client, Peer};
-use crate::proxy::error::{error_chain, has_source, is_timeout, sources, ErrorKind, ProxyError};
+use crate::proxy::error::{error_chain, has_source, is_timeout, ErrorKind, ProxyError};
 use crate::proxy::headers;
 
 /// What forwarding needs from the request's context.
@@ -288,10 +288,7 @@ pub async fn forward(
         // response: idempotent methods. Never once the upstream answered.
         let mut retry = may_retry
             && (e.is_connect()
-                || (is_idempotent(&parts.method)
-                    && !timed_out
-                    && !e.response_started()
-                    && !response_started(&e)));
+                || (is_idempotent(&parts.method) && !timed_out && !e.response_started()));
         if has_body {
             match back.and_then(|mut rx| rx.try_recv().ok()) {
                 Some(b) => body = Some(b),
@@ -364,13 +361,4 @@ fn respond(
     let (mut parts, body) = resp.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     Ok(Response::from_parts(parts, ResponseBody::Upstream(body)))
-}
-
-/// Whether the upstream sent bytes of a response (that failed to parse).
-fn response_started(e: &(dyn std::error::Error + 'static)) -> bool {
-    sources(e).any(|err| {
-        err.downcast_ref::<hyper::Error>().is_some_and(|h| {
-            h.is_parse() || h.is_parse_status() || h.is_parse_too_large() || h.is_parse_version_h2()
-        })
-    })
 }

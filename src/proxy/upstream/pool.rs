@@ -117,9 +117,19 @@ impl UpstreamError {
         }
     }
 
-    /// Whether the upstream started answering (so the request is final).
+    /// Whether the upstream started answering (so the request is final):
+    /// a response head with ambiguous framing, or bytes that failed to
+    /// parse as one.
     pub fn response_started(&self) -> bool {
         matches!(self, UpstreamError::Framing(_))
+            || crate::proxy::error::sources(self).any(|err| {
+                err.downcast_ref::<hyper::Error>().is_some_and(|h| {
+                    h.is_parse()
+                        || h.is_parse_status()
+                        || h.is_parse_too_large()
+                        || h.is_parse_version_h2()
+                })
+            })
     }
 }
 
